@@ -1,0 +1,454 @@
+"""Activation caching at TransformerLens hook points, in memory or streamed to disk.
+
+Every cached row is one token: ``acts[hook]`` is ``[n_tokens, width]`` and ``rows`` maps
+each row back to ``(example, position, token)`` so interpretation can show context.
+Padding never reaches the result (rows are picked with the attention mask, never by
+comparing ids with the pad id, which for SmolLM2 is the real ``<|im_end|>`` token).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from datasets import Dataset
+from jaxtyping import Float, Int
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from caft_tl.data import DataError, as_dataset, batches, tokenize
+
+Positions = Literal["all", "assistant", "last"]
+FORMAT = "caft_tl.activations"
+ROW_KEYS = ("example", "position", "token")
+# Hooks whose tensors are not [batch, pos, ...] (attention patterns are [batch, head, q, k]).
+_NOT_PER_TOKEN = ("hook_pattern", "hook_attn_scores")
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+@dataclass
+class Rows:
+    """Where each cached row came from (all ``[n_tokens]`` long tensors)."""
+
+    example: Int[Tensor, " n"]
+    position: Int[Tensor, " n"]
+    token: Int[Tensor, " n"]
+
+    def __len__(self) -> int:
+        return len(self.example)
+
+
+class Activations:
+    """Per-hook ``[n_tokens, width]`` activations with row metadata.
+
+    Backed either by tensors in memory or by safetensors shards on disk (``load`` opens a
+    folder lazily: ``iter_chunks`` reads one shard of one hook at a time, so consumers such
+    as streaming PCA never hold all tokens at once; ``acts[hook]`` loads everything).
+    """
+
+    def __init__(
+        self,
+        chunks: list[dict[str, Tensor]] | list[Path],
+        hooks: Sequence[str],
+        token_ids: list[list[int]],
+        meta: dict[str, Any],
+    ):
+        self._chunks = chunks
+        self.hooks = list(hooks)
+        self.token_ids = token_ids
+        self.meta = meta
+        self._rows: Rows | None = None
+
+    # -- access -----------------------------------------------------------------
+    def __getitem__(self, hook: str) -> Float[Tensor, "n width"]:
+        self._check_hook(hook)
+        return torch.cat(list(self.iter_chunks(hook)))
+
+    def __contains__(self, hook: str) -> bool:
+        return hook in self.hooks
+
+    def __len__(self) -> int:
+        return int(self.meta["n_tokens"])
+
+    def __repr__(self) -> str:
+        where = f", on disk at {self.meta['path']}" if self.on_disk else ""
+        return (
+            f"Activations({len(self)} tokens from {self.meta['n_examples']} examples, "
+            f"hooks={self.hooks}, positions={self.meta['positions']!r}{where})"
+        )
+
+    @property
+    def on_disk(self) -> bool:
+        return bool(self._chunks) and isinstance(self._chunks[0], Path)
+
+    @property
+    def rows(self) -> Rows:
+        if self._rows is None:  # small (3 longs per token) and asked for repeatedly
+            parts = {k: list(self.iter_chunks(f"_{k}")) for k in ROW_KEYS}
+            self._rows = Rows(*(torch.cat(parts[k]) for k in ROW_KEYS))
+        return self._rows
+
+    def iter_chunks(self, hook: str) -> Iterator[Tensor]:
+        """Yield the rows of one hook (or a ``_example``/``_position``/``_token`` column)
+        shard by shard."""
+        if not hook.startswith("_"):
+            self._check_hook(hook)
+        for chunk in self._chunks:
+            if isinstance(chunk, Path):
+                with safe_open(str(chunk), framework="pt") as f:
+                    yield f.get_tensor(hook)
+            else:
+                yield chunk[hook]
+
+    def context(self, row: int, before: int = 8, after: int = 2) -> tuple[list[int], int]:
+        """Token ids around a cached row and the index of the row's token within them."""
+        rows = self.rows
+        example, position = int(rows.example[row]), int(rows.position[row])
+        ids = self.token_ids[example]
+        start = max(0, position - before)
+        return ids[start : position + after + 1], position - start
+
+    def _check_hook(self, hook: str) -> None:
+        if hook not in self.hooks:
+            raise KeyError(f"{hook!r} was not cached; cached hooks: {self.hooks}")
+
+    # -- persistence ----------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write to a folder (shards + metadata); in-memory activations become one shard."""
+        sink = _ShardSink(Path(path), self.hooks, shard_tokens=None)
+        for chunk in self._chunks:
+            if isinstance(chunk, Path):
+                with safe_open(str(chunk), framework="pt") as f:
+                    chunk = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            sink.add(chunk)
+        return Path(sink.close(self.token_ids, self.meta).meta["path"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> Activations:
+        """Open a folder written by ``save`` or by ``cache_activations(out=...)``, lazily."""
+        path = Path(path)
+        meta_file = path / "meta.json"
+        if not meta_file.exists():
+            raise FileNotFoundError(f"{path} holds no cached activations (no meta.json)")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_file} is not a caft-tl activations file")
+        shards = [path / name for name in meta["shards"]]
+        missing = [s.name for s in shards if not s.exists()]
+        if missing:
+            raise FileNotFoundError(f"{path}: missing shards {missing[:5]}")
+        with safe_open(str(path / "tokens.safetensors"), framework="pt") as f:
+            flat, offsets = f.get_tensor("flat").tolist(), f.get_tensor("offsets").tolist()
+        token_ids = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        meta["path"] = str(path)
+        return cls(shards, meta["hooks"], token_ids, meta)
+
+
+class _ShardSink:
+    """Collects batches of rows; in memory (``path=None``) or as shards of bounded size."""
+
+    def __init__(self, path: Path | None, hooks: Sequence[str], shard_tokens: int | None):
+        self.path, self.hooks, self.shard_tokens = path, list(hooks), shard_tokens
+        self.buffer: list[dict[str, Tensor]] = []
+        self.buffered = 0
+        self.chunks: list[Any] = []
+        self.n_tokens = 0
+        if path is not None:
+            if path.exists() and any(path.iterdir()):
+                raise FileExistsError(f"{path} exists and is not empty; choose a new folder")
+            path.mkdir(parents=True, exist_ok=True)
+
+    def add(self, chunk: dict[str, Tensor]) -> None:
+        n = len(chunk["_example"])
+        if n == 0:
+            return
+        self.buffer.append(chunk)
+        self.buffered += n
+        self.n_tokens += n
+        if self.shard_tokens is not None and self.buffered >= self.shard_tokens:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        merged = {k: torch.cat([c[k] for c in self.buffer]) for k in self.buffer[0]}
+        self.buffer, self.buffered = [], 0
+        if self.path is None:
+            self.chunks.append(merged)
+            return
+        name = f"shard_{len(self.chunks):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in merged.items()}, str(self.path / name))
+        self.chunks.append(self.path / name)
+
+    def close(self, token_ids: list[list[int]], meta: dict[str, Any]) -> Activations:
+        self._flush()
+        meta = {**meta, "format": FORMAT, "hooks": self.hooks, "n_tokens": self.n_tokens}
+        if self.path is not None:
+            lengths = torch.tensor([0] + [len(t) for t in token_ids])
+            save_file(
+                {
+                    "flat": torch.tensor([i for ids in token_ids for i in ids], dtype=torch.long),
+                    "offsets": lengths.cumsum(0),
+                },
+                str(self.path / "tokens.safetensors"),
+            )
+            meta["shards"] = [p.name for p in self.chunks]
+            meta["path"] = str(self.path)
+            # meta.json last: a folder without it is an interrupted write, never a result.
+            tmp = self.path / "meta.json.tmp"
+            tmp.write_text(json.dumps({k: v for k, v in meta.items() if k != "path"}, indent=2))
+            tmp.replace(self.path / "meta.json")
+        return Activations(self.chunks, self.hooks, token_ids, meta)
+
+
+# ------------------------------------------------------------------------- checks
+
+
+def check_hooks(model: HookedTransformer, hooks: Sequence[str] | str) -> list[str]:
+    """Validate hook names against the model; unknown names get close-match suggestions."""
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    if not hooks:
+        raise ValueError("no hook names given (e.g. 'blocks.10.hook_resid_post')")
+    for hook in hooks:
+        if hook not in model.hook_dict:
+            close = difflib.get_close_matches(hook, list(model.hook_dict), n=3)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(
+                f"unknown hook {hook!r} for {model.cfg.model_name} "
+                f"({model.cfg.n_layers} layers, blocks.0 .. blocks.{model.cfg.n_layers - 1})"
+                f"{hint}"
+            )
+        if hook.endswith(_NOT_PER_TOKEN):
+            raise ValueError(f"{hook!r} is not a per-token activation ([batch, head, q, k])")
+    if len(set(hooks)) != len(hooks):
+        raise ValueError(f"hook names repeat: {hooks}")
+    return hooks
+
+
+def stop_layer(hooks: Sequence[str]) -> int | None:
+    """The ``stop_at_layer`` that still computes every hook (None: run the whole model)."""
+    layers = []
+    for hook in hooks:
+        match = _LAYER.match(hook)
+        if match:
+            layers.append(int(match.group(1)))
+        elif hook.startswith(("hook_embed", "hook_pos_embed")):
+            layers.append(-1)
+        else:  # ln_final, unembed: the whole model runs
+            return None
+    return max(layers) + 1
+
+
+def _tokenized(data: Any, model: HookedTransformer, max_length: int | None, positions: str):
+    if isinstance(data, Dataset) and "input_ids" in data.column_names:
+        if len(data) == 0:
+            raise DataError("no examples (empty dataset)")
+        if positions == "assistant" and "loss_mask" not in data.column_names:
+            raise DataError("positions='assistant' needs a loss_mask column")
+        return data
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer: pass data tokenised with caft_tl.data")
+    ds = as_dataset(data)
+    if positions == "assistant" and "messages" not in ds.column_names:
+        raise DataError("positions='assistant' needs chat data with assistant turns")
+    return tokenize(ds, model.tokenizer, max_length=max_length or model.cfg.n_ctx)
+
+
+def _check_vocab(model: HookedTransformer, ds: Dataset) -> None:
+    top = max(max(ids) for ids in ds["input_ids"] if ids)
+    if top >= model.cfg.d_vocab:
+        raise ValueError(
+            f"token id {top} is outside {model.cfg.model_name}'s vocabulary "
+            f"(d_vocab={model.cfg.d_vocab}): the data was tokenised for another model"
+        )
+    longest = max(len(ids) for ids in ds["input_ids"])
+    if longest > model.cfg.n_ctx:
+        raise ValueError(
+            f"an example has {longest} tokens, more than n_ctx={model.cfg.n_ctx}: "
+            "tokenise with max_length"
+        )
+
+
+def _same_tokenizer(a: HookedTransformer, b: HookedTransformer) -> None:
+    if a.cfg.d_vocab != b.cfg.d_vocab:
+        raise ValueError(
+            f"vocabularies differ ({a.cfg.d_vocab} vs {b.cfg.d_vocab}): activation "
+            "differences need two versions of the same model"
+        )
+    if a.tokenizer is not None and b.tokenizer is not None:
+        probe = "<|im_start|>user\nThe doctor said she would call.<|im_end|>"
+        if a.tokenizer.encode(probe) != b.tokenizer.encode(probe):
+            raise ValueError("the two models' tokenizers disagree; diff versions of one model")
+
+
+# ------------------------------------------------------------------------- caching
+
+
+def _position_mask(batch: dict[str, Tensor], positions: Positions) -> Tensor:
+    real = batch["attention_mask"].bool()
+    if positions == "all":
+        return real
+    if positions == "assistant":
+        return batch["loss_mask"].bool() & real
+    last = real.long().cumsum(-1).argmax(-1)  # right padding: last real column per row
+    mask = torch.zeros_like(real)
+    mask[torch.arange(len(real)), last] = True
+    return mask
+
+
+def _per_token(act: Tensor, hook: str) -> Tensor:
+    # [batch, pos, heads, d_head] hooks (attn.hook_z, ...) are flattened per token.
+    return act.flatten(2) if act.ndim > 3 else act
+
+
+def _batch_rows(
+    model: HookedTransformer,
+    hooks: list[str],
+    batch: dict[str, Tensor],
+    positions: Positions,
+    dtype: torch.dtype | None,
+) -> dict[str, Tensor]:
+    device = model.cfg.device
+    _, cache = model.run_with_cache(
+        batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        names_filter=hooks,
+        stop_at_layer=stop_layer(hooks),
+        return_cache_object=False,
+    )
+    mask = _position_mask(batch, positions)
+    out = {h: _per_token(cache[h], h)[mask.to(device)].to("cpu", dtype) for h in hooks}
+    b, p = mask.nonzero(as_tuple=True)
+    out["_example"] = batch["example_index"][b]
+    out["_position"] = p
+    out["_token"] = batch["input_ids"][b, p]
+    return out
+
+
+def _prepare(model, data, hooks, positions, max_length):
+    hooks = check_hooks(model, hooks)
+    if positions not in ("all", "assistant", "last"):
+        raise ValueError(f"positions must be 'all', 'assistant' or 'last', got {positions!r}")
+    ds = _tokenized(data, model, max_length, positions)
+    _check_vocab(model, ds)
+    return hooks, ds
+
+
+def _pad_id(model: HookedTransformer) -> int:
+    tok = model.tokenizer
+    return 0 if tok is None or tok.pad_token_id is None else int(tok.pad_token_id)
+
+
+def cache_activations(
+    model: HookedTransformer,
+    data: Any,
+    hooks: Sequence[str] | str,
+    *,
+    positions: Positions = "all",
+    batch_size: int = 8,
+    out: str | Path | None = None,
+    max_length: int | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    shard_tokens: int = 16384,
+    progress: bool = True,
+) -> Activations:
+    """Run ``model`` over ``data`` and keep the activations at ``hooks``.
+
+    Args:
+        data: chat JSONL path, list of conversations/texts, a Dataset, or a Dataset already
+            tokenised by :func:`caft_tl.data.tokenize`.
+        positions: ``"all"`` real tokens, ``"assistant"`` tokens (the assistant loss mask),
+            or the ``"last"`` token of each example.
+        out: a new folder to stream safetensors shards of at most ``shard_tokens`` rows into
+            (memory stays bounded); ``None`` keeps everything in memory.
+        dtype: storage dtype (``None``: the model's).
+    """
+    hooks, ds = _prepare(model, data, hooks, positions, max_length)
+    sink = _ShardSink(Path(out) if out is not None else None, hooks, shard_tokens)
+    n_batches = -(-len(ds) // batch_size)
+    it = batches(ds, batch_size, pad_token_id=_pad_id(model), padding_side="right")
+    with torch.inference_mode():
+        for batch in tqdm(it, total=n_batches, desc="caching activations", disable=not progress):
+            sink.add(_batch_rows(model, hooks, batch, positions, dtype))
+    meta = _meta(model, ds, positions)
+    return sink.close([list(ids) for ids in ds["input_ids"]], meta)
+
+
+def _meta(model: HookedTransformer, ds: Dataset, positions: str, **extra: Any) -> dict:
+    return {
+        "model": model.cfg.model_name,
+        "positions": positions,
+        "n_examples": len(ds),
+        **extra,
+    }
+
+
+@dataclass
+class ActivationDiff:
+    """``finetuned - base`` plus, when asked for, both sides (same rows in the same order)."""
+
+    diff: Activations
+    base: Activations
+    finetuned: Activations
+
+
+def activation_diff(
+    base: HookedTransformer,
+    finetuned: HookedTransformer,
+    data: Any,
+    hooks: Sequence[str] | str,
+    *,
+    positions: Positions = "all",
+    batch_size: int = 8,
+    out: str | Path | None = None,
+    return_both: bool = False,
+    max_length: int | None = None,
+    shard_tokens: int = 16384,
+    progress: bool = True,
+) -> Activations | ActivationDiff:
+    """Activations of ``finetuned`` minus ``base`` on the same tokens.
+
+    Both models see identical batches; with ``out`` the diff (and with ``return_both`` the
+    base and fine-tuned activations, in ``out/base`` and ``out/finetuned``) stream to disk.
+    """
+    _same_tokenizer(base, finetuned)
+    hooks, ds = _prepare(base, data, hooks, positions, max_length)
+    check_hooks(finetuned, hooks)
+    root = Path(out) if out is not None else None
+    kinds = ("diff", "base", "finetuned") if return_both else ("diff",)
+    sinks = {k: _ShardSink(None if root is None else root / k, hooks, shard_tokens) for k in kinds}
+    n_batches = -(-len(ds) // batch_size)
+    it = batches(ds, batch_size, pad_token_id=_pad_id(base), padding_side="right")
+    with torch.inference_mode():
+        for batch in tqdm(it, total=n_batches, desc="activation diff", disable=not progress):
+            a = _batch_rows(base, hooks, batch, positions, torch.float32)
+            b = _batch_rows(finetuned, hooks, batch, positions, torch.float32)
+            diff = {k: (b[k] - a[k]) if k in hooks else a[k] for k in a}
+            for kind, chunk in zip(kinds, (diff, a, b), strict=False):
+                sinks[kind].add(chunk)
+    token_ids = [list(ids) for ids in ds["input_ids"]]
+    meta = _meta(base, ds, positions, finetuned=finetuned.cfg.model_name)
+    results = {k: sinks[k].close(token_ids, {**meta, "kind": k}) for k in kinds}
+    if root is not None:
+        (root / "README.txt").write_text("caft-tl activation diff: diff = finetuned - base\n")
+    if return_both:
+        return ActivationDiff(**results)
+    return results["diff"]
+
+
+def remove(path: str | Path) -> None:
+    """Delete a cached-activations folder (refuses folders that are not one)."""
+    path = Path(path)
+    if not (path / "meta.json").exists() and not (path / "diff" / "meta.json").exists():
+        raise ValueError(f"{path} is not a caft-tl activations folder")
+    shutil.rmtree(path)

@@ -1,0 +1,29 @@
+"""Chat and plain-text data for training and analysis: load, validate, tokenise, batch."""
+
+from caft_tl.data.chat import (
+    ROLES,
+    Batch,
+    DataError,
+    DataWarning,
+    as_dataset,
+    batches,
+    chat_to_text,
+    collate,
+    load_jsonl,
+    tokenize,
+    validate_messages,
+)
+
+__all__ = [
+    "ROLES",
+    "Batch",
+    "DataError",
+    "DataWarning",
+    "as_dataset",
+    "batches",
+    "chat_to_text",
+    "collate",
+    "load_jsonl",
+    "tokenize",
+    "validate_messages",
+]
