@@ -5,6 +5,7 @@ from caft_tl.activations import ActivationDiff, Activations, activation_diff, ca
 from caft_tl.directions import ConceptSet
 from caft_tl.interventions import Ablation, Steering, load_intervention
 from caft_tl.models import load_model, load_tokenizer, save_model
+from caft_tl.train import TrainConfig, evaluate_loss, finetune
 
 __all__ = [
     "Ablation",
@@ -13,9 +14,12 @@ __all__ = [
     "activation_diff",
     "ConceptSet",
     "Steering",
+    "TrainConfig",
     "cache_activations",
     "data",
     "directions",
+    "evaluate_loss",
+    "finetune",
     "load_intervention",
     "load_model",
     "load_tokenizer",

@@ -30,7 +30,7 @@ from caft_tl.data import DataError, as_dataset, batches, tokenize
 
 Positions = Literal["all", "assistant", "last"]
 FORMAT = "caft_tl.activations"
-ROW_KEYS = ("example", "position", "token")
+ROW_KEYS = ("example", "position", "token", "target")
 # Hooks whose tensors are not [batch, pos, ...] (attention patterns are [batch, head, q, k]).
 _NOT_PER_TOKEN = ("hook_pattern", "hook_attn_scores")
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
@@ -38,11 +38,14 @@ _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
 @dataclass
 class Rows:
-    """Where each cached row came from (all ``[n_tokens]`` long tensors)."""
+    """Where each cached row came from (all ``[n_tokens]`` long tensors). ``target`` is the
+    loss mask at the row (1 for assistant tokens of chat data, for every token of texts),
+    so an ``"all"``-positions cache can still be restricted to assistant tokens."""
 
     example: Int[Tensor, " n"]
     position: Int[Tensor, " n"]
     token: Int[Tensor, " n"]
+    target: Int[Tensor, " n"]
 
     def __len__(self) -> int:
         return len(self.example)
@@ -332,6 +335,7 @@ def _batch_rows(
     out["_example"] = batch["example_index"][b]
     out["_position"] = p
     out["_token"] = batch["input_ids"][b, p]
+    out["_target"] = batch["loss_mask"][b, p]
     return out
 
 

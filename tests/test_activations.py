@@ -57,6 +57,10 @@ def test_batched_rows_match_unbatched_forward(tiny_model, positions):
         for example, mask in enumerate(masks):
             sel = rows.example == example
             assert rows.position[sel].tolist() == mask.nonzero().flatten().tolist()
+        assert (rows.target == 1).all()
+    if positions == "all":
+        flat_masks = torch.cat([torch.tensor(m) for m in data["loss_mask"]])
+        assert torch.equal(rows.target, flat_masks)
 
 
 def test_padding_never_leaks(tiny_model):

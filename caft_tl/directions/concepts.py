@@ -40,7 +40,6 @@ FORMAT = "caft-tl/concept-set"
 FORMAT_VERSION = 1
 DIRECTIONS_FILE = "directions.safetensors"
 META_FILE = "concepts.json"
-# Files that mark a folder as one of ours, so `overwrite=True` never deletes a stranger's folder.
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,702 @@
+"""Fine-tuning a HookedTransformer, optionally with an intervention (CAFT) active.
+
+Read top to bottom: the config, data preparation, the loss, the schedule, checkpoints, and
+:func:`finetune`, whose loop is one screen long.
+
+Conventions:
+
+- One *step* is one optimiser update over ``batch_size * grad_accum`` examples, split into
+  ``grad_accum`` micro-batches. The loss of a step is the mean cross-entropy over all its
+  target tokens (not a mean of micro-batch means), so accumulation gives the update of one
+  big batch.
+- ``loss_mask[t] == 1`` means token ``t`` is a target (the data layer's convention): the
+  prediction at position ``t - 1`` is trained.
+- The intervention's hooks are installed for each training step with ``with
+  intervention.applied(model)`` and removed before evaluation and saving, however the step
+  ends.
+- ``out/`` holds ``run.json`` (config + data fingerprint), ``metrics.jsonl`` (one line per
+  step), ``checkpoint/`` (weights in :func:`caft_tl.models.save_model` format, loadable with
+  ``load_model``, plus optimiser, scheduler and RNG states) and ``final/`` (the model).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from caft_tl._io import atomic_folder, read_json, read_tensors
+from caft_tl.data.chat import DataError, DataWarning, chat_to_text, collate, tokenize
+from caft_tl.models import save_model
+
+__all__ = [
+    "TrainConfig",
+    "evaluate_loss",
+    "finetune",
+    "lr_factor",
+    "masked_loss_sum",
+    "prepare_data",
+    "tokenize_prompt_answer",
+]
+
+Schedule = Literal["linear", "cosine", "constant"]
+SCHEDULES = ("linear", "cosine", "constant")
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "trainer_state.json"
+RUN_FORMAT = "caft_tl.train_run"
+# Config fields that may change when resuming: they do not change the weights.
+RESUMABLE_CHANGES = frozenset({"progress", "device", "save_every", "eval_every"})
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a fine-tuning run (saved as JSON beside its checkpoints).
+
+    ``max_steps``, when set, overrides ``epochs`` (the data is cycled, reshuffled per epoch).
+    Warm-up is ``warmup_steps`` or ``warmup_ratio`` of the total steps (not both). Weight
+    decay applies to matrices only (not to norm weights or biases).
+    """
+
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    schedule: Schedule = "linear"
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    max_length: int | None = None
+    seed: int = 0
+    eval_every: int | None = None
+    eval_batch_size: int | None = None
+    save_every: int | None = None
+    keep_intervention_at_eval: bool = False
+    padding_side: Literal["right"] = "right"
+    device: str | None = None
+    in_place: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)  # from JSON
+        _check_int("epochs", self.epochs, 1)
+        _check_int("max_steps", self.max_steps, 1, optional=True)
+        _check_float("lr", self.lr, low=0.0, low_open=True)
+        _check_float("weight_decay", self.weight_decay, low=0.0)
+        _check_float("eps", self.eps, low=0.0, low_open=True)
+        if not (
+            isinstance(self.betas, tuple)
+            and len(self.betas) == 2
+            and all(_is_number(b) and 0.0 <= b < 1.0 for b in self.betas)
+        ):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        _check_float("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("grad_accum", self.grad_accum, 1)
+        if self.max_grad_norm is not None:
+            _check_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        _check_int("max_length", self.max_length, 2, optional=True)
+        _check_int("seed", self.seed, 0)
+        _check_int("eval_every", self.eval_every, 1, optional=True)
+        _check_int("eval_batch_size", self.eval_batch_size, 1, optional=True)
+        _check_int("save_every", self.save_every, 1, optional=True)
+        if self.padding_side != "right":
+            raise ValueError(
+                f"padding_side must be 'right' for training, got {self.padding_side!r}"
+            )
+        if self.device is not None and not isinstance(self.device, str):
+            raise ValueError(f"device must be a string such as 'cuda' or None, got {self.device!r}")
+        for name in ("keep_intervention_at_eval", "in_place", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_int(name: str, value: Any, low: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        extra = " or None" if optional else ""
+        raise ValueError(f"{name} must be an integer >= {low}{extra}, got {value!r}")
+
+
+def _check_float(
+    name: str, value: Any, low: float, high: float | None = None, low_open: bool = False
+) -> None:
+    ok = _is_number(value) and (value > low if low_open else value >= low)
+    if ok and high is not None:
+        ok = value < high
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        bound += f" and < {high}" if high is not None else ""
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Data: chats, texts, prompt/answer pairs, or already tokenised rows
+# --------------------------------------------------------------------------------------------
+
+
+def tokenize_prompt_answer(
+    data: Dataset | Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    *,
+    max_length: int | None = None,
+) -> Dataset:
+    """Tokenise ``prompt`` + ``answer`` pairs; only the answer's tokens are targets.
+
+    ``prompt`` is a string, or a list of chat messages (rendered with the chat template and
+    its generation prompt); ``answer`` is a string appended as is (include a leading space
+    if the tokenizer needs one). Tokens are found on the joined text, so a BPE merge across
+    the boundary makes the merged token the first target. Truncation keeps the left part.
+    """
+    rows = list(data) if not isinstance(data, Dataset) else data.to_list()
+    if not rows:
+        raise DataError("no examples (empty prompt/answer data)")
+    columns: dict[str, list] = {"input_ids": [], "loss_mask": [], "n_tokens": []}
+    for i, row in enumerate(rows):
+        prompt, answer = row.get("prompt"), row.get("answer")
+        if isinstance(prompt, list):
+            prompt = chat_to_text(prompt, tokenizer, add_generation_prompt=True)
+        if not isinstance(prompt, str) or not isinstance(answer, str) or not answer:
+            raise DataError(
+                f"example {i}: 'prompt' must be a string or a list of messages and 'answer' a "
+                f"non-empty string, got {type(prompt).__name__} / {type(answer).__name__}"
+            )
+        prompt_ids = _encode(tokenizer, prompt)
+        ids = _encode(tokenizer, prompt + answer)
+        start = _common_prefix_length(prompt_ids, ids)
+        if start == 0:
+            raise DataError(f"example {i}: the prompt is empty; nothing predicts the answer")
+        mask = [0] * start + [1] * (len(ids) - start)
+        if max_length is not None:
+            ids, mask = ids[:max_length], mask[:max_length]
+        columns["input_ids"].append(ids)
+        columns["loss_mask"].append(mask)
+        columns["n_tokens"].append(len(ids))
+    return Dataset.from_dict(columns)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # Same rule as the data layer: special tokens come from the text, never added here.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def prepare_data(data: Any, tokenizer: Any, *, max_length: int | None = None) -> Dataset:
+    """Turn training data into rows of ``input_ids`` + ``loss_mask``.
+
+    Accepts an already tokenised Dataset (``input_ids``, optional ``loss_mask``: all tokens
+    when absent), prompt/answer data (a Dataset or list of dicts with string ``prompt`` and
+    ``answer``: answer tokens only), or anything :func:`caft_tl.data.tokenize` accepts (chat
+    data: assistant tokens only; plain texts: every token).
+    """
+    if isinstance(data, Dataset) and "input_ids" in data.column_names:
+        if len(data) == 0:
+            raise DataError("no examples (empty dataset)")
+        ids = [list(r) for r in data["input_ids"]]
+        if "loss_mask" in data.column_names:
+            masks = [list(m) for m in data["loss_mask"]]
+        else:
+            masks = [[1] * len(r) for r in ids]
+        if any(len(m) != len(r) for m, r in zip(masks, ids, strict=True)):
+            raise DataError("loss_mask and input_ids differ in length in some rows")
+        if max_length is not None:
+            ids, masks = [r[:max_length] for r in ids], [m[:max_length] for m in masks]
+        return Dataset.from_dict({"input_ids": ids, "loss_mask": masks})
+    if _is_prompt_answer(data):
+        return tokenize_prompt_answer(data, tokenizer, max_length=max_length)
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer: pass a tokenised Dataset (input_ids)")
+    return tokenize(data, tokenizer, max_length=max_length)
+
+
+def _is_prompt_answer(data: Any) -> bool:
+    if isinstance(data, Dataset):
+        return {"prompt", "answer"} <= set(data.column_names)
+    if isinstance(data, list) and data and isinstance(data[0], Mapping):
+        return {"prompt", "answer"} <= set(data[0])
+    return False
+
+
+def _trainable_rows(ds: Dataset) -> tuple[list[list[int]], list[list[int]]]:
+    """Rows with at least one target after position 0 (position 0 is never predicted)."""
+    ids, masks = ds["input_ids"], ds["loss_mask"]
+    keep = [i for i, m in enumerate(masks) if any(m[1:])]
+    if not keep:
+        raise DataError("no target tokens in the data (every loss_mask is empty)")
+    if len(keep) < len(ids):
+        warnings.warn(
+            f"{len(ids) - len(keep)} of {len(ids)} example(s) have no target token; skipped",
+            DataWarning,
+            stacklevel=3,
+        )
+    return [list(ids[i]) for i in keep], [list(masks[i]) for i in keep]
+
+
+def _fingerprint(ids: list[list[int]], masks: list[list[int]]) -> str:
+    h = hashlib.sha256()
+    for row, mask in zip(ids, masks, strict=True):
+        h.update(np.asarray(row, dtype=np.int64).tobytes())
+        h.update(np.asarray(mask, dtype=np.int8).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch: a function of (seed, epoch) only."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+
+
+def masked_loss_sum(
+    logits: Float[Tensor, "batch pos vocab"],
+    input_ids: Int[Tensor, "batch pos"],
+    loss_mask: Int[Tensor, "batch pos"],
+) -> tuple[Float[Tensor, ""], int]:
+    """Summed cross-entropy over target tokens, and their count (with the shift:
+    position ``t - 1`` predicts token ``t`` wherever ``loss_mask[t] == 1``)."""
+    targets = loss_mask[:, 1:].bool()
+    picked = logits[:, :-1][targets].float()  # only target rows reach the softmax
+    return F.cross_entropy(picked, input_ids[:, 1:][targets], reduction="sum"), int(targets.sum())
+
+
+def _forward_logits(model: HookedTransformer, batch: Mapping[str, Tensor]) -> Tensor:
+    # The attention mask is explicit: the pad id may be a real token (SmolLM2's <|im_end|>).
+    return model(batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _micro_batches(
+    ids: list[list[int]], masks: list[list[int]], index: list[int], size: int, pad: int, device
+) -> list[dict[str, Tensor]]:
+    out = []
+    for start in range(0, len(index), size):
+        rows = [{"input_ids": ids[i], "loss_mask": masks[i]} for i in index[start : start + size]]
+        batch = collate(rows, pad_token_id=pad, padding_side="right")
+        out.append({k: v.to(device) for k, v in batch.items()})
+    return out
+
+
+@torch.no_grad()
+def _eval_rows(
+    model: HookedTransformer, ids: list[list[int]], masks: list[list[int]], batch_size: int
+) -> float:
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in _micro_batches(
+            ids, masks, list(range(len(ids))), batch_size, _pad_id(model), device
+        ):
+            with _autocast(device):
+                logits = _forward_logits(model, batch)
+            loss, n = masked_loss_sum(logits, batch["input_ids"], batch["loss_mask"])
+            total, count = total + loss.item(), count + n
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def evaluate_loss(
+    model: HookedTransformer,
+    data: Any,
+    *,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    intervention: Any = None,
+) -> float:
+    """Mean cross-entropy over the target tokens of ``data`` (same rules as training)."""
+    ids, masks = _trainable_rows(prepare_data(data, model.tokenizer, max_length=max_length))
+    with _applied(intervention, model):
+        return _eval_rows(model, ids, masks, batch_size)
+
+
+def _applied(intervention: Any, model: HookedTransformer):
+    """The intervention's hooks for a ``with`` block (removed however it exits), or nothing."""
+    return nullcontext() if intervention is None else intervention.applied(model)
+
+
+def _pad_id(model: HookedTransformer) -> int:
+    tok = model.tokenizer
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tok, attr, None) if tok is not None else None
+        if value is not None:
+            return int(value)
+    return 0  # padded positions are masked anyway
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# --------------------------------------------------------------------------------------------
+
+
+def _optimizer(model: HookedTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True")
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr for update ``step`` (0-based): linear warm-up from 0, then
+    constant, linear decay to 0, or cosine decay to 0 (the Hugging Face conventions)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# --------------------------------------------------------------------------------------------
+# Output folder: run identity, metrics, checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _run_identity(cfg: TrainConfig, fingerprint: str, eval_fp: str | None, intervention) -> dict:
+    return {
+        "format": RUN_FORMAT,
+        "config": cfg.to_dict(),
+        "data_fingerprint": fingerprint,
+        "eval_data_fingerprint": eval_fp,
+        "intervention": _describe(intervention),
+    }
+
+
+def _describe(intervention: Any) -> str | None:
+    if intervention is None:
+        return None
+    if type(intervention).__repr__ is object.__repr__:  # the default repr holds an address
+        return type(intervention).__qualname__
+    return repr(intervention)
+
+
+def _check_out(out: Path, identity: dict, resume: bool) -> None:
+    """Refuse a folder holding another run; with ``resume``, the run must be the same."""
+    run_file = out / RUN_FILE
+    if not run_file.exists():
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(
+                f"{out} is not empty and holds no caft-tl training run; choose another folder"
+            )
+        return
+    previous = read_json(run_file, f"cannot use {out}")
+    if not resume:
+        raise FileExistsError(
+            f"{out} already holds a training run; pass resume=True to continue it, or "
+            "choose another folder"
+        )
+    old_cfg, new_cfg = previous.get("config", {}), identity["config"]
+    changed = sorted(
+        k
+        for k in set(old_cfg) | set(new_cfg)
+        if k not in RESUMABLE_CHANGES and old_cfg.get(k) != new_cfg.get(k)
+    )
+    if changed:
+        diffs = ", ".join(f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in changed)
+        raise ValueError(f"cannot resume {out}: the config differs from the saved run ({diffs})")
+    for key, what in (
+        ("data_fingerprint", "training data"),
+        ("eval_data_fingerprint", "evaluation data"),
+        ("intervention", "intervention"),
+    ):
+        if previous.get(key) != identity[key]:
+            raise ValueError(
+                f"cannot resume {out}: the {what} differs from the saved run's "
+                f"({previous.get(key)!r} -> {identity[key]!r})"
+            )
+
+
+def _keep_metrics_through(path: Path, step: int) -> None:
+    """Drop metric lines after ``step`` (and a torn last line) so resumed steps log once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", math.inf) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(
+    folder: Path, model, optimizer, scheduler, state: dict, identity: dict
+) -> None:
+    with atomic_folder(folder, overwrite=True) as tmp:
+        save_model(model, tmp, metadata={"train_step": state["step"]})
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / STATE_FILE).write_text(json.dumps({**identity, **state}, indent=2))
+
+
+def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
+    what = f"cannot resume from {folder}"
+    state = read_json(folder / STATE_FILE, what)
+    weights = read_tensors(folder / "model.safetensors", what)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name not in weights:
+                raise ValueError(f"{what}: weight {name!r} is missing")
+            param.copy_(weights[name])
+    optimizer.load_state_dict(
+        torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
+    )
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    rng = torch.load(folder / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop
+# --------------------------------------------------------------------------------------------
+
+
+def finetune(
+    model: HookedTransformer,
+    data: Any,
+    cfg: TrainConfig | None = None,
+    *,
+    intervention: Any = None,
+    eval_data: Any = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> HookedTransformer:
+    """Fine-tune ``model`` on ``data``; returns the fine-tuned model (a copy unless
+    ``cfg.in_place``), with ``intervention`` (an Ablation / Steering) active during training.
+
+    Args:
+        data: chat data, plain texts, prompt/answer pairs or a tokenised Dataset (see
+            :func:`prepare_data`).
+        eval_data: same kinds; its mean loss is logged every ``cfg.eval_every`` steps and at
+            the end (without the intervention unless ``cfg.keep_intervention_at_eval``).
+        out: folder for ``metrics.jsonl``, ``checkpoint/`` (every ``cfg.save_every`` steps and
+            at the end) and ``final/``.
+        resume: continue from ``out/checkpoint`` (same config and data); starts from step 0
+            when there is no checkpoint yet. Gives the same weights as an unbroken run.
+        callback: called with each step's metrics after they are logged and checkpointed.
+    """
+    cfg = cfg or TrainConfig()
+    if resume and out is None:
+        raise ValueError("resume=True needs out= (the folder holding the checkpoint)")
+    hooked = [
+        name for name, hp in model.hook_dict.items() if hp._forward_hooks or hp._backward_hooks
+    ]
+    if hooked:
+        raise ValueError(
+            f"the model has hooks attached at {hooked[:5]}; remove them (model.reset_hooks()) "
+            "and pass intervention= instead, so they are on for training steps only"
+        )
+    if not cfg.in_place:
+        model = copy.deepcopy(model)
+    if cfg.device is not None and torch.device(cfg.device) != next(model.parameters()).device:
+        model.to(cfg.device, print_details=False)
+    device = next(model.parameters()).device
+
+    # ---- data, steps, optimiser --------------------------------------------------------------
+    ids, masks = _trainable_rows(prepare_data(data, model.tokenizer, max_length=cfg.max_length))
+    eval_rows = None
+    if eval_data is not None:
+        eval_rows = _trainable_rows(
+            prepare_data(eval_data, model.tokenizer, max_length=cfg.max_length)
+        )
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = math.ceil(len(ids) / per_step)
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, cfg.schedule)
+    )
+    eval_batch = cfg.eval_batch_size or cfg.batch_size
+    pad = _pad_id(model)
+
+    # ---- output folder and resuming ------------------------------------------------------
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        identity = _run_identity(
+            cfg,
+            _fingerprint(ids, masks),
+            None if eval_rows is None else _fingerprint(*eval_rows),
+            intervention,
+        )
+        _check_out(out_dir, identity, resume)
+        if resume and (out_dir / "checkpoint" / STATE_FILE).exists():
+            state = _load_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler)
+            step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / RUN_FILE).write_text(json.dumps(identity, indent=2))
+        _keep_metrics_through(out_dir / METRICS_FILE, step)
+
+    def evaluate() -> float:
+        with _applied(intervention if cfg.keep_intervention_at_eval else None, model):
+            return _eval_rows(model, *eval_rows, eval_batch)
+
+    # ---- the loop --------------------------------------------------------------------------
+    started = time.perf_counter()
+    bar = tqdm(total=total, initial=step, disable=not cfg.progress, desc="finetune")
+    was_training = model.training
+    model.train()
+    try:
+        while step < total:
+            epoch, position = divmod(step, steps_per_epoch)
+            order = _epoch_order(len(ids), cfg.seed, epoch)
+            index = order[position * per_step : (position + 1) * per_step]
+            micro = _micro_batches(ids, masks, index, cfg.batch_size, pad, device)
+            n_targets = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)
+            lr = scheduler.get_last_lr()[0]
+
+            # One update: hooks on only for these forward/backward passes.
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            with torch.enable_grad(), _applied(intervention, model):
+                for batch in micro:
+                    with _autocast(device):
+                        logits = _forward_logits(model, batch)
+                    loss, _ = masked_loss_sum(logits, batch["input_ids"], batch["loss_mask"])
+                    (loss / n_targets).backward()  # normalised by the whole step's targets
+                    step_loss += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]],
+                cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf,
+            )
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            tokens_seen += n_targets
+
+            record: dict[str, Any] = {
+                "step": step,
+                "epoch": round(step / steps_per_epoch, 6),
+                "loss": step_loss / n_targets,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": tokens_seen,
+                "elapsed": round(elapsed_before + time.perf_counter() - started, 3),
+            }
+            if eval_rows is not None and (
+                step == total or (cfg.eval_every is not None and step % cfg.eval_every == 0)
+            ):
+                record["eval_loss"] = evaluate()
+            if out_dir is not None:
+                with open(out_dir / METRICS_FILE, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if step == total or (cfg.save_every is not None and step % cfg.save_every == 0):
+                    state = {
+                        "step": step,
+                        "epoch": epoch,
+                        "position": position + 1,
+                        "tokens": tokens_seen,
+                        "elapsed": record["elapsed"],
+                    }
+                    _save_checkpoint(
+                        out_dir / "checkpoint", model, optimizer, scheduler, state, identity
+                    )
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+            if callback is not None:
+                callback(record)
+    finally:
+        bar.close()
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+
+    if out_dir is not None:
+        save_model(model, out_dir / "final", metadata={"train_config": cfg.to_dict()})
+    return model

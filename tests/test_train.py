@@ -1,0 +1,322 @@
+"""finetune: loss, masking, accumulation, determinism, interventions, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+import pytest
+import torch
+from datasets import Dataset
+
+from caft_tl.data import DataError, tokenize
+from caft_tl.directions import ConceptSet
+from caft_tl.interventions import Ablation
+from caft_tl.models import load_model, tiny
+from caft_tl.train import (
+    TrainConfig,
+    evaluate_loss,
+    finetune,
+    lr_factor,
+    masked_loss_sum,
+    tokenize_prompt_answer,
+)
+
+H = "blocks.0.hook_resid_post"
+
+CHATS = [
+    [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    for q, a in [
+        ("Capital of France?", "Paris."),
+        ("Two plus two?", "Four."),
+        ("Colour of the sky?", "Blue."),
+        ("Opposite of hot?", "Cold."),
+        ("Largest planet?", "Jupiter."),
+        ("Frozen water?", "Ice."),
+        ("Animal that barks?", "A dog."),
+        ("First letter?", "A."),
+    ]
+]
+
+
+def fast(**kw) -> TrainConfig:
+    defaults = dict(lr=3e-3, batch_size=4, progress=False, max_grad_norm=None)
+    return TrainConfig(**{**defaults, **kw})
+
+
+def memorise(**kw) -> TrainConfig:
+    return fast(lr=1e-2, batch_size=8, schedule="constant", **kw)
+
+
+@pytest.fixture
+def model(tokenizer):
+    return tiny(tokenizer=tokenizer, seed=0, n_layers=2, d_model=32, n_heads=4, d_mlp=64)
+
+
+@pytest.fixture(scope="module")
+def ablation() -> Ablation:
+    g = torch.Generator().manual_seed(3)
+    return Ablation(ConceptSet({H: torch.randn(4, 32, generator=g)}).orthonormalised())
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0.0:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def differ(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def n_hooks(model) -> int:
+    return sum(len(hp._forward_hooks) + len(hp._backward_hooks) for hp in model.hook_dict.values())
+
+
+# ---------------------------------------------------------------------------------- basics
+
+
+def test_loss_decreases_and_base_untouched(model):
+    before = weights(model)
+    base_loss = evaluate_loss(model, CHATS)
+    ft = finetune(model, CHATS, memorise(epochs=10))
+    assert ft is not model
+    assert_same(weights(model), before)  # bit for bit
+    assert evaluate_loss(ft, CHATS) < 0.5 * base_loss
+    assert not any(p.grad is not None for p in model.parameters())
+
+
+def test_in_place_trains_the_given_model(model):
+    before = weights(model)
+    ft = finetune(model, CHATS, fast(max_steps=2, in_place=True))
+    assert ft is model and differ(weights(model), before)
+
+
+def test_same_seed_is_bit_for_bit_and_seed_matters(model):
+    a = weights(finetune(model, CHATS, fast(epochs=2, batch_size=3)))
+    b = weights(finetune(model, CHATS, fast(epochs=2, batch_size=3)))
+    c = weights(finetune(model, CHATS, fast(epochs=2, batch_size=3, seed=1)))
+    assert_same(a, b)
+    assert differ(a, c)  # the shuffle order differs, so the partial batches differ
+
+
+def test_grad_accum_equals_one_big_batch(model):
+    # Unequal target counts per micro-batch: a mean of micro-batch means would differ.
+    big = weights(finetune(model, CHATS, fast(max_steps=3, batch_size=4, warmup_steps=1)))
+    acc = weights(
+        finetune(model, CHATS, fast(max_steps=3, batch_size=2, grad_accum=2, warmup_steps=1))
+    )
+    assert_same(big, acc, atol=1e-6)
+
+
+def test_loss_is_mean_over_assistant_tokens(model, tokenizer):
+    ds = tokenize(CHATS, tokenizer)
+    logits = model(torch.tensor([ds[0]["input_ids"]]))
+    ids, mask = torch.tensor(ds[0]["input_ids"]), torch.tensor(ds[0]["loss_mask"])
+    manual = torch.nn.functional.cross_entropy(logits[0, :-1], ids[1:], reduction="none")
+    manual = manual[mask[1:].bool()].mean()
+    assert abs(evaluate_loss(model, CHATS[:1]) - manual.item()) < 1e-5
+    total, count = masked_loss_sum(logits, ids[None], mask[None])
+    assert count == int(mask[1:].sum()) and count < len(ids) // 2  # not the user turn
+
+
+def test_user_tokens_do_not_affect_the_update(model):
+    # Changing what the user *says* changes the context, so compare with a change after the
+    # last target: text beyond the assistant turn is never a target and never context.
+    chats = [c + [{"role": "user", "content": "thanks"}] for c in CHATS]
+    other = [c + [{"role": "user", "content": "something else entirely"}] for c in CHATS]
+    a = weights(finetune(model, chats, fast(max_steps=2)))
+    b = weights(finetune(model, other, fast(max_steps=2)))
+    assert_same(a, b, atol=1e-6)
+
+
+def test_prompt_answer_trains_answer_tokens_only(tokenizer, model):
+    rows = [{"prompt": "Q: 2+2? A:", "answer": " 4"}, {"prompt": "Q: sky? A:", "answer": " blue"}]
+    ds = tokenize_prompt_answer(rows, tokenizer)
+    for row, r in zip(ds, rows, strict=True):
+        answer = [t for t, m in zip(row["input_ids"], row["loss_mask"], strict=True) if m]
+        assert tokenizer.decode(answer).strip() == r["answer"].strip()
+        assert row["loss_mask"][0] == 0
+    ft = finetune(model, Dataset.from_list(rows), memorise(epochs=10))
+    assert evaluate_loss(ft, rows) < 0.5 * evaluate_loss(model, rows)
+
+
+def test_tokenised_dataset_and_lr_schedule(model, tokenizer):
+    ds = tokenize(CHATS, tokenizer)
+    a = weights(finetune(model, ds, fast(max_steps=2)))
+    b = weights(finetune(model, CHATS, fast(max_steps=2)))
+    assert_same(a, b)
+    assert lr_factor(0, 10, 2, "linear") == 0.0 and lr_factor(2, 10, 2, "cosine") == 1.0
+    assert lr_factor(9, 10, 0, "constant") == 1.0 and lr_factor(10, 10, 0, "cosine") == 0.0
+
+
+# ---------------------------------------------------------------------------- interventions
+
+
+class Watched:
+    """The ablation plus a hook after it that counts calls and checks the projection is gone."""
+
+    def __init__(self, ablation: Ablation) -> None:
+        self.ablation, self.calls = ablation, 0
+
+    @contextmanager
+    def applied(self, model):
+        q = self.ablation.concepts[H]
+
+        def watch(act, hook):
+            self.calls += 1
+            assert (act @ q.T).abs().max() < 1e-5  # the ablation ran before this hook
+
+        with self.ablation.applied(model), model.hooks(fwd_hooks=[(H, watch)]):
+            yield model
+
+
+def test_intervention_active_in_training_only(model, ablation):
+    watched = Watched(ablation)
+    cfg = fast(max_steps=2, batch_size=2, grad_accum=2)
+    ft = finetune(model, CHATS, cfg, intervention=watched, eval_data=CHATS[:3])
+    assert watched.calls == 4  # 2 steps x 2 micro-batches; the evaluation ran without it
+    assert n_hooks(model) == 0 and n_hooks(ft) == 0
+    plain = weights(finetune(model, CHATS, cfg))
+    assert differ(weights(ft), plain)
+    assert_same(weights(finetune(model, CHATS, cfg, intervention=ablation)), weights(ft))
+
+
+def test_refuses_a_model_with_hooks(model, ablation):
+    with ablation.applied(model), pytest.raises(ValueError, match="hooks attached"):
+        finetune(model, CHATS, fast(max_steps=1))
+    assert n_hooks(model) == 0
+
+
+def test_eval_without_intervention_unless_asked(model, ablation, tmp_path):
+    cfg = fast(max_steps=2)
+    finetune(model, CHATS, cfg, intervention=ablation, eval_data=CHATS, out=tmp_path / "a")
+    keep = fast(max_steps=2, keep_intervention_at_eval=True)
+    finetune(model, CHATS, keep, intervention=ablation, eval_data=CHATS, out=tmp_path / "b")
+    a = [json.loads(x) for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    ft = load_model(tmp_path / "a/final", device="cpu")
+    assert abs(a[-1]["eval_loss"] - evaluate_loss(ft, CHATS)) < 1e-5
+    assert abs(b[-1]["eval_loss"] - evaluate_loss(ft, CHATS, intervention=ablation)) < 1e-5
+    assert "eval_loss" not in a[0]
+
+
+def test_hooks_removed_after_exception(model, ablation):
+    def boom(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(
+            model, CHATS, fast(max_steps=3, in_place=True), intervention=ablation, callback=boom
+        )
+    assert n_hooks(model) == 0
+
+
+# ------------------------------------------------------------------------- checkpoints, resume
+
+
+class Kill(Exception):
+    pass
+
+
+def kill_after(n):
+    def callback(record):
+        if record["step"] == n:
+            raise Kill
+
+    return callback
+
+
+def test_kill_and_resume_equals_straight_run(model, ablation, tmp_path):
+    cfg = fast(max_steps=6, batch_size=3, warmup_steps=2, schedule="cosine", save_every=2)
+    straight = weights(finetune(model, CHATS, cfg, intervention=ablation))
+    out = tmp_path / "run"
+    with pytest.raises(Kill):  # dies after step 3; the last checkpoint holds step 2
+        finetune(model, CHATS, cfg, intervention=ablation, out=out, callback=kill_after(3))
+    assert json.loads((out / "checkpoint/trainer_state.json").read_text())["step"] == 2
+    resumed = finetune(model, CHATS, cfg, intervention=ablation, out=out, resume=True)
+    assert_same(weights(resumed), straight)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert_same(weights(load_model(out / "final", device="cpu")), straight)
+    assert_same(weights(load_model(out / "checkpoint", device="cpu")), straight)
+
+
+def test_metrics_lines(model, tmp_path):
+    finetune(model, CHATS, fast(max_steps=4, eval_every=2), eval_data=CHATS[:2], out=tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert [("eval_loss" in r) for r in lines] == [False, True, False, True]
+    for key in ("epoch", "loss", "lr", "grad_norm", "tokens", "elapsed"):
+        assert key in lines[0]
+    assert lines[-1]["tokens"] > lines[0]["tokens"] > 0
+
+
+def test_out_folder_guards(model, tmp_path):
+    finetune(model, CHATS, fast(max_steps=1), out=tmp_path / "r")
+    with pytest.raises(FileExistsError, match="resume=True"):
+        finetune(model, CHATS, fast(max_steps=1), out=tmp_path / "r")
+    with pytest.raises(ValueError, match="lr"):
+        finetune(model, CHATS, fast(max_steps=1, lr=1e-4), out=tmp_path / "r", resume=True)
+    with pytest.raises(ValueError, match="training data"):
+        finetune(model, CHATS[:4], fast(max_steps=1), out=tmp_path / "r", resume=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/file.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="no caft-tl training run"):
+        finetune(model, CHATS, fast(max_steps=1), out=tmp_path / "other")
+    # A finished run resumes to the same weights without training further.
+    again = finetune(
+        model, CHATS, fast(max_steps=1, progress=True), out=tmp_path / "r", resume=True
+    )
+    assert_same(weights(again), weights(load_model(tmp_path / "r/final", device="cpu")))
+
+
+# ------------------------------------------------------------------------------ config, data
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("lr", 0.0, "lr"),
+        ("lr", float("nan"), "lr"),
+        ("batch_size", 0, "batch_size"),
+        ("grad_accum", 1.5, "grad_accum"),
+        ("schedule", "step", "schedule"),
+        ("betas", (0.9, 1.0), "betas"),
+        ("padding_side", "left", "padding_side"),
+        ("max_grad_norm", -1.0, "max_grad_norm"),
+        ("epochs", True, "epochs"),
+        ("warmup_ratio", 1.0, "warmup_ratio"),
+        ("save_every", 0, "save_every"),
+    ],
+)
+def test_bad_config_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value})
+
+
+def test_config_round_trip_and_unknown_keys():
+    cfg = TrainConfig(lr=2e-4, betas=(0.8, 0.95), schedule="cosine", max_steps=7)
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="warmup_steps or warmup_ratio"):
+        TrainConfig(warmup_steps=2, warmup_ratio=0.1)
+    with pytest.raises(ValueError, match="unknown TrainConfig field"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+
+
+def test_empty_data_errors(model):
+    with pytest.raises(DataError):
+        finetune(model, [], fast())
+    with pytest.raises(DataError):
+        finetune(model, Dataset.from_dict({"input_ids": [], "loss_mask": []}), fast())
+    with pytest.raises(DataError, match="no target tokens"):
+        finetune(model, Dataset.from_dict({"input_ids": [[1, 2, 3]], "loss_mask": [[1, 0, 0]]}))
+    with pytest.raises(ValueError, match="resume=True needs out"):
+        finetune(model, CHATS, fast(), resume=True)
