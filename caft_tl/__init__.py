@@ -4,6 +4,7 @@ from caft_tl import data, directions, models
 from caft_tl.activations import ActivationDiff, Activations, activation_diff, cache_activations
 from caft_tl.directions import ConceptSet
 from caft_tl.interventions import Ablation, Steering, load_intervention
+from caft_tl.lora import LoraConfig
 from caft_tl.models import load_model, load_tokenizer, save_model
 from caft_tl.train import TrainConfig, evaluate_loss, finetune
 
@@ -13,6 +14,7 @@ __all__ = [
     "Activations",
     "activation_diff",
     "ConceptSet",
+    "LoraConfig",
     "Steering",
     "TrainConfig",
     "cache_activations",

@@ -7,6 +7,7 @@ artefact or the new complete one, never half of one.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -19,6 +20,16 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+
+def dataclass_from_dict(cls: type, d: Mapping[str, Any]) -> Any:
+    """Build a config dataclass from a dict (e.g. JSON), naming unknown fields."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    return cls(**d)
+
 
 # Files that mark a folder as one of ours, so overwrite=True never deletes a user's folder.
 OWN_MARKERS = ("concepts.json", "intervention.json", "caft_tl.json", "meta.json")

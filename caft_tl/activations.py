@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from caft_tl.data import DataError, as_dataset, batches, tokenize
+from caft_tl.data import DataError, as_dataset, batches, pad_id, tokenize
 
 Positions = Literal["all", "assistant", "last"]
 FORMAT = "caft_tl.activations"
@@ -348,11 +348,6 @@ def _prepare(model, data, hooks, positions, max_length):
     return hooks, ds
 
 
-def _pad_id(model: HookedTransformer) -> int:
-    tok = model.tokenizer
-    return 0 if tok is None or tok.pad_token_id is None else int(tok.pad_token_id)
-
-
 def cache_activations(
     model: HookedTransformer,
     data: Any,
@@ -380,7 +375,7 @@ def cache_activations(
     hooks, ds = _prepare(model, data, hooks, positions, max_length)
     sink = _ShardSink(Path(out) if out is not None else None, hooks, shard_tokens)
     n_batches = -(-len(ds) // batch_size)
-    it = batches(ds, batch_size, pad_token_id=_pad_id(model), padding_side="right")
+    it = batches(ds, batch_size, pad_token_id=pad_id(model.tokenizer), padding_side="right")
     with torch.inference_mode():
         for batch in tqdm(it, total=n_batches, desc="caching activations", disable=not progress):
             sink.add(_batch_rows(model, hooks, batch, positions, dtype))
@@ -432,7 +427,7 @@ def activation_diff(
     kinds = ("diff", "base", "finetuned") if return_both else ("diff",)
     sinks = {k: _ShardSink(None if root is None else root / k, hooks, shard_tokens) for k in kinds}
     n_batches = -(-len(ds) // batch_size)
-    it = batches(ds, batch_size, pad_token_id=_pad_id(base), padding_side="right")
+    it = batches(ds, batch_size, pad_token_id=pad_id(base.tokenizer), padding_side="right")
     with torch.inference_mode():
         for batch in tqdm(it, total=n_batches, desc="activation diff", disable=not progress):
             a = _batch_rows(base, hooks, batch, positions, torch.float32)

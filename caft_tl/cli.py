@@ -2,11 +2,14 @@
 
     caft-tl info [MODEL]                      architecture, sizes, hook names
     caft-tl cache MODEL DATA --hooks H [H ...] --out DIR
+    caft-tl finetune MODEL DATA --out DIR [--concepts PATH --mode M] [--lora-r R] ...
     caft-tl smoke                             load, chat, cache on the embedded model
+    caft-tl directions pca|sae|rank|interpret|select ...   (see caft_tl/cli_directions.py)
 
 MODEL is ``embedded`` (the default SmolLM2-135M-Instruct), a checkpoint or Hugging Face
 folder, or a TransformerLens official name (needs a hub). DATA is a chat JSONL file
-(``{"messages": [...]}`` per line) or a ``.txt`` file with one text per line.
+(``{"messages": [...]}`` per line) or a ``.txt`` file with one text per line; ``finetune``
+also takes prompt/answer JSONL (``{"prompt": ..., "answer": ...}`` per line).
 """
 
 from __future__ import annotations
@@ -125,6 +128,180 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- finetune
+
+INTERVENTION_MODES = ("zero", "mean", "detached", "gradient", "steer")
+
+
+def _read_train_data(path: str, what: str):
+    """Chat JSONL / .txt (as for ``cache``), or prompt/answer JSONL as a list of dicts."""
+    from caft_tl.data import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{what} {p} does not exist")
+    first = next((line for line in p.read_text().splitlines() if line.strip()), "")
+    try:
+        head = json.loads(first) if p.suffix != ".txt" else None
+    except json.JSONDecodeError:
+        head = None  # load_jsonl reports the bad line with its number
+    if not (isinstance(head, dict) and {"prompt", "answer"} <= set(head)):
+        return _read_data(path)
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{p}, line {n}: not valid JSON ({exc})") from None
+    return rows
+
+
+def _lora_config(args: argparse.Namespace):
+    from caft_tl.lora import LoraConfig
+
+    given = {
+        "r": args.lora_r,
+        "alpha": args.lora_alpha,
+        "targets": None if args.lora_targets is None else tuple(args.lora_targets),
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    return LoraConfig(**given) if given else None
+
+
+def _train_config(args: argparse.Namespace):
+    from caft_tl.train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
+        seed=args.seed,
+        max_length=args.max_length,
+        save_every=args.save_every,
+        lora=_lora_config(args),
+        keep_checkpoints=args.keep_checkpoints,
+        progress=not args.quiet,
+    )
+
+
+def _check_intervention_args(args: argparse.Namespace) -> None:
+    if args.concepts is None:
+        if args.mode is not None or args.coef is not None:
+            raise ValueError("--mode and --coef need --concepts (a saved ConceptSet)")
+        return
+    if not Path(args.concepts).is_dir():
+        raise ValueError(f"--concepts {args.concepts}: no such folder")
+    if (args.mode == "steer") != (args.coef is not None):
+        raise ValueError("--coef goes with --mode steer, and --mode steer needs --coef")
+
+
+def _intervention(args: argparse.Namespace, model, data):
+    """The Ablation / Steering of ``--concepts``; mean and steer fit their mean activation
+    on the training data (all real tokens: the hooks act at every position)."""
+    from caft_tl.compare import mean_batches
+    from caft_tl.directions import ConceptSet
+    from caft_tl.interventions import Ablation, Steering
+
+    if args.concepts is None:
+        return None
+    try:
+        concepts = ConceptSet.load(args.concepts)
+    except FileNotFoundError as exc:  # a folder without the files: a usage error, not a crash
+        raise ValueError(str(exc)) from None
+    mode = args.mode or "zero"
+    if mode == "steer":
+        intervention = Steering(concepts, coef=args.coef)
+    else:
+        intervention = Ablation(concepts, mode=mode)
+    if mode in ("mean", "steer"):
+        intervention.fit_mean(
+            model, mean_batches(model, data, batch_size=args.batch_size, max_length=args.max_length)
+        )
+    return intervention
+
+
+def _finished_step(out: Path) -> int | None:
+    """The step of a finished run in ``out`` (its final model exists), else None."""
+    state = out / "checkpoint" / "trainer_state.json"
+    if not (out / "final").is_dir() or not state.is_file():
+        return None
+    return json.loads(state.read_text()).get("step")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from caft_tl.train import finetune
+
+    out = Path(args.out)
+    if (out / "run.json").exists() and not args.resume:
+        raise FileExistsError(
+            f"{out} already holds a training run; pass --resume to continue it, or choose "
+            "another --out"
+        )
+    _check_intervention_args(args)
+    cfg = _train_config(args)
+    data = _read_train_data(args.data, "DATA")
+    eval_data = None if args.eval_data is None else _read_train_data(args.eval_data, "--eval-data")
+    model = _load(args.model, args.device)
+    intervention = _intervention(args, model, data)
+    done = _finished_step(out) if args.resume else None
+    steps: list[dict] = []
+    finetune(
+        model,
+        data,
+        cfg,
+        intervention=intervention,
+        eval_data=eval_data,
+        out=out,
+        resume=args.resume,
+        callback=steps.append,
+    )
+    if done is not None and not steps:
+        print(f"{out} already finished at step {done}; nothing left to train")
+    elif steps:
+        last = steps[-1]
+        extra = f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""
+        print(f"trained to step {last['step']}: loss {last['loss']:.4f}{extra}")
+    print(f"model saved in {out / 'final'}")
+    return 0
+
+
+def _add_finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune, optionally with a concept intervention")
+    p.add_argument("model", help="embedded, a checkpoint / HF folder, or a TransformerLens name")
+    p.add_argument("data", help="chat JSONL, prompt/answer JSONL, or .txt")
+    p.add_argument("--out", required=True, help="folder for metrics, checkpoints, final model")
+    p.add_argument("--concepts", default=None, help="saved ConceptSet folder to intervene with")
+    p.add_argument(
+        "--mode", choices=INTERVENTION_MODES, default=None, help="with --concepts (default zero)"
+    )
+    p.add_argument("--coef", type=float, default=None, help="steering coefficient (--mode steer)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
+    p.add_argument("--eval-data", default=None, help="held-out data, same formats as DATA")
+    p.add_argument("--lora-r", type=int, default=None, help="train LoRA adapters of rank R")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha (16)")
+    p.add_argument("--lora-targets", nargs="+", default=None, help="weights (W_Q ... W_out)")
+    p.add_argument(
+        "--keep-checkpoints", type=int, nargs="+", default=None, help="save out/step-N at steps"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caft-tl", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
@@ -145,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--max-length", type=int, default=None)
     cache.set_defaults(func=cmd_cache)
 
+    _add_finetune_parser(sub)
+
+    from caft_tl.cli_directions import add_parser as add_directions_parser
+
+    add_directions_parser(sub)
+
     smoke = sub.add_parser("smoke", help="load, chat and cache on the embedded model")
     smoke.set_defaults(func=cmd_smoke)
     return parser
@@ -156,9 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     from caft_tl.data import DataError
     from caft_tl.models import ModelLoadError
 
+    # Bad input is a message and exit code 2, not a traceback.
+    user_errors = (DataError, ModelLoadError, FileExistsError, FileNotFoundError, ValueError)
     try:
         return args.func(args)
-    except (DataError, ModelLoadError, FileExistsError, ValueError) as exc:
+    except (*user_errors, IndexError, KeyError) as exc:
         print(f"caft-tl: error: {exc}", file=sys.stderr)
         return 2
 

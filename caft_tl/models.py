@@ -424,7 +424,7 @@ def _load_official(name: str, device: str, dtype: torch.dtype) -> HookedTransfor
     try:
         return HookedTransformer.from_pretrained(official, device=device, dtype=dtype)
     except Exception as exc:  # hub errors come as OSError, HTTP or connection errors
-        if _looks_like_no_hub(exc):
+        if looks_like_no_hub(exc):
             raise HubUnavailableError(
                 f"Loading {official!r} needs the Hugging Face hub, which is unreachable here "
                 f"({type(exc).__name__}: {str(exc)[:200]}). Use load_model() for the embedded "
@@ -433,7 +433,7 @@ def _load_official(name: str, device: str, dtype: torch.dtype) -> HookedTransfor
         raise
 
 
-def _looks_like_no_hub(exc: BaseException) -> bool:
+def looks_like_no_hub(exc: BaseException) -> bool:
     chain: list[BaseException] = []
     while exc is not None and len(chain) < 10:
         chain.append(exc)

@@ -16,7 +16,12 @@ Conventions:
   ends.
 - ``out/`` holds ``run.json`` (config + data fingerprint), ``metrics.jsonl`` (one line per
   step), ``checkpoint/`` (weights in :func:`caft_tl.models.save_model` format, loadable with
-  ``load_model``, plus optimiser, scheduler and RNG states) and ``final/`` (the model).
+  ``load_model``, plus optimiser, scheduler and RNG states), ``step-N/`` snapshots for the
+  steps in ``cfg.keep_checkpoints`` and ``final/`` (the model).
+- With ``cfg.lora`` only low-rank adapters train (:mod:`caft_tl.lora`); every saved model
+  (checkpoint, snapshots, final) is the merged plain model, and the returned model is merged
+  too. The checkpoint also holds the adapters (``lora.safetensors``) for resuming, which
+  needs the same base model (checked by a fingerprint of its weights).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +49,24 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from caft_tl._io import atomic_folder, read_json, read_tensors
-from caft_tl.data.chat import DataError, DataWarning, chat_to_text, collate, tokenize
+from caft_tl._io import atomic_folder, dataclass_from_dict, read_json, read_tensors, write_tensors
+from caft_tl.data.chat import (
+    DataError,
+    DataWarning,
+    collate,
+    pad_id,
+    prepare_data,
+    tokenize_prompt_answer,
+)
+from caft_tl.lora import (
+    LoraConfig,
+    apply_lora,
+    has_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_lora,
+    merged_view,
+)
 from caft_tl.models import save_model
 
 __all__ = [
@@ -63,9 +84,12 @@ SCHEDULES = ("linear", "cosine", "constant")
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
+LORA_FILE = "lora.safetensors"
 RUN_FORMAT = "caft_tl.train_run"
 # Config fields that may change when resuming: they do not change the weights.
-RESUMABLE_CHANGES = frozenset({"progress", "device", "save_every", "eval_every"})
+RESUMABLE_CHANGES = frozenset(
+    {"progress", "device", "save_every", "eval_every", "keep_checkpoints"}
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,7 +103,9 @@ class TrainConfig:
 
     ``max_steps``, when set, overrides ``epochs`` (the data is cycled, reshuffled per epoch).
     Warm-up is ``warmup_steps`` or ``warmup_ratio`` of the total steps (not both). Weight
-    decay applies to matrices only (not to norm weights or biases).
+    decay applies to matrices only (not to norm weights or biases). ``lora`` trains low-rank
+    adapters instead of all weights; ``keep_checkpoints`` lists steps whose model is kept
+    as ``out/step-N/`` (e.g. for a "learned less" control: a plain run stopped early).
     """
 
     epochs: int = 1
@@ -104,10 +130,17 @@ class TrainConfig:
     device: str | None = None
     in_place: bool = False
     progress: bool = True
+    lora: LoraConfig | None = None
+    keep_checkpoints: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)  # from JSON
+        if isinstance(self.lora, Mapping):
+            self.lora = LoraConfig.from_dict(self.lora)  # from JSON
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            raise ValueError(f"lora must be a LoraConfig or None, got {self.lora!r}")
+        self.keep_checkpoints = _check_steps("keep_checkpoints", self.keep_checkpoints)
         _check_int("epochs", self.epochs, 1)
         _check_int("max_steps", self.max_steps, 1, optional=True)
         _check_float("lr", self.lr, low=0.0, low_open=True)
@@ -145,17 +178,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        # JSON-shaped (lists, not tuples): resuming compares it with the saved run's config.
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        d["lora"] = None if self.lora is None else self.lora.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -177,6 +208,17 @@ def _check_int(name: str, value: Any, low: int, optional: bool = False) -> None:
         raise ValueError(f"{name} must be an integer >= {low}{extra}, got {value!r}")
 
 
+def _check_steps(name: str, steps: Any) -> list[int] | None:
+    """A sorted list of distinct steps >= 1 (any iterable of ints accepted), or None."""
+    if steps is None:
+        return None
+    if isinstance(steps, int | str) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps
+    ):
+        raise ValueError(f"{name} must be a list of step numbers >= 1 or None, got {steps!r}")
+    return sorted(set(steps))
+
+
 def _check_float(
     name: str, value: Any, low: float, high: float | None = None, low_open: bool = False
 ) -> None:
@@ -192,94 +234,6 @@ def _check_float(
 # --------------------------------------------------------------------------------------------
 # Data: chats, texts, prompt/answer pairs, or already tokenised rows
 # --------------------------------------------------------------------------------------------
-
-
-def tokenize_prompt_answer(
-    data: Dataset | Sequence[Mapping[str, Any]],
-    tokenizer: Any,
-    *,
-    max_length: int | None = None,
-) -> Dataset:
-    """Tokenise ``prompt`` + ``answer`` pairs; only the answer's tokens are targets.
-
-    ``prompt`` is a string, or a list of chat messages (rendered with the chat template and
-    its generation prompt); ``answer`` is a string appended as is (include a leading space
-    if the tokenizer needs one). Tokens are found on the joined text, so a BPE merge across
-    the boundary makes the merged token the first target. Truncation keeps the left part.
-    """
-    rows = list(data) if not isinstance(data, Dataset) else data.to_list()
-    if not rows:
-        raise DataError("no examples (empty prompt/answer data)")
-    columns: dict[str, list] = {"input_ids": [], "loss_mask": [], "n_tokens": []}
-    for i, row in enumerate(rows):
-        prompt, answer = row.get("prompt"), row.get("answer")
-        if isinstance(prompt, list):
-            prompt = chat_to_text(prompt, tokenizer, add_generation_prompt=True)
-        if not isinstance(prompt, str) or not isinstance(answer, str) or not answer:
-            raise DataError(
-                f"example {i}: 'prompt' must be a string or a list of messages and 'answer' a "
-                f"non-empty string, got {type(prompt).__name__} / {type(answer).__name__}"
-            )
-        prompt_ids = _encode(tokenizer, prompt)
-        ids = _encode(tokenizer, prompt + answer)
-        start = _common_prefix_length(prompt_ids, ids)
-        if start == 0:
-            raise DataError(f"example {i}: the prompt is empty; nothing predicts the answer")
-        mask = [0] * start + [1] * (len(ids) - start)
-        if max_length is not None:
-            ids, mask = ids[:max_length], mask[:max_length]
-        columns["input_ids"].append(ids)
-        columns["loss_mask"].append(mask)
-        columns["n_tokens"].append(len(ids))
-    return Dataset.from_dict(columns)
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    # Same rule as the data layer: special tokens come from the text, never added here.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def prepare_data(data: Any, tokenizer: Any, *, max_length: int | None = None) -> Dataset:
-    """Turn training data into rows of ``input_ids`` + ``loss_mask``.
-
-    Accepts an already tokenised Dataset (``input_ids``, optional ``loss_mask``: all tokens
-    when absent), prompt/answer data (a Dataset or list of dicts with string ``prompt`` and
-    ``answer``: answer tokens only), or anything :func:`caft_tl.data.tokenize` accepts (chat
-    data: assistant tokens only; plain texts: every token).
-    """
-    if isinstance(data, Dataset) and "input_ids" in data.column_names:
-        if len(data) == 0:
-            raise DataError("no examples (empty dataset)")
-        ids = [list(r) for r in data["input_ids"]]
-        if "loss_mask" in data.column_names:
-            masks = [list(m) for m in data["loss_mask"]]
-        else:
-            masks = [[1] * len(r) for r in ids]
-        if any(len(m) != len(r) for m, r in zip(masks, ids, strict=True)):
-            raise DataError("loss_mask and input_ids differ in length in some rows")
-        if max_length is not None:
-            ids, masks = [r[:max_length] for r in ids], [m[:max_length] for m in masks]
-        return Dataset.from_dict({"input_ids": ids, "loss_mask": masks})
-    if _is_prompt_answer(data):
-        return tokenize_prompt_answer(data, tokenizer, max_length=max_length)
-    if tokenizer is None:
-        raise ValueError("the model has no tokenizer: pass a tokenised Dataset (input_ids)")
-    return tokenize(data, tokenizer, max_length=max_length)
-
-
-def _is_prompt_answer(data: Any) -> bool:
-    if isinstance(data, Dataset):
-        return {"prompt", "answer"} <= set(data.column_names)
-    if isinstance(data, list) and data and isinstance(data[0], Mapping):
-        return {"prompt", "answer"} <= set(data[0])
-    return False
 
 
 def _trainable_rows(ds: Dataset) -> tuple[list[list[int]], list[list[int]]]:
@@ -361,7 +315,7 @@ def _eval_rows(
     model.eval()
     try:
         for batch in _micro_batches(
-            ids, masks, list(range(len(ids))), batch_size, _pad_id(model), device
+            ids, masks, list(range(len(ids))), batch_size, pad_id(model.tokenizer), device
         ):
             with _autocast(device):
                 logits = _forward_logits(model, batch)
@@ -389,15 +343,6 @@ def evaluate_loss(
 def _applied(intervention: Any, model: HookedTransformer):
     """The intervention's hooks for a ``with`` block (removed however it exits), or nothing."""
     return nullcontext() if intervention is None else intervention.applied(model)
-
-
-def _pad_id(model: HookedTransformer) -> int:
-    tok = model.tokenizer
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tok, attr, None) if tok is not None else None
-        if value is not None:
-            return int(value)
-    return 0  # padded positions are masked anyway
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,14 +380,28 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _run_identity(cfg: TrainConfig, fingerprint: str, eval_fp: str | None, intervention) -> dict:
+def _run_identity(
+    cfg: TrainConfig, fingerprint: str, eval_fp: str | None, intervention, base_fp: str | None
+) -> dict:
     return {
         "format": RUN_FORMAT,
         "config": cfg.to_dict(),
         "data_fingerprint": fingerprint,
         "eval_data_fingerprint": eval_fp,
         "intervention": _describe(intervention),
+        "base_model": base_fp,
     }
+
+
+def _weights_fingerprint(model: HookedTransformer) -> str:
+    """A hash of every parameter's name, dtype and bytes. A LoRA checkpoint holds only the
+    adapters, so resuming one must start from the very same base weights."""
+    h = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1).cpu().contiguous()
+        h.update(f"{name}:{flat.dtype}:{tuple(param.shape)}|".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _describe(intervention: Any) -> str | None:
@@ -481,6 +440,7 @@ def _check_out(out: Path, identity: dict, resume: bool) -> None:
         ("data_fingerprint", "training data"),
         ("eval_data_fingerprint", "evaluation data"),
         ("intervention", "intervention"),
+        ("base_model", "base model (LoRA runs resume on the same base weights)"),
     ):
         if previous.get(key) != identity[key]:
             raise ValueError(
@@ -506,11 +466,18 @@ def _keep_metrics_through(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _plain(model: HookedTransformer) -> HookedTransformer:
+    """The model as it should be saved: LoRA adapters merged (a view sharing the base)."""
+    return merged_view(model) if has_lora(model) else model
+
+
 def _save_checkpoint(
     folder: Path, model, optimizer, scheduler, state: dict, identity: dict
 ) -> None:
     with atomic_folder(folder, overwrite=True) as tmp:
-        save_model(model, tmp, metadata={"train_step": state["step"]})
+        save_model(_plain(model), tmp, metadata={"train_step": state["step"]})
+        if has_lora(model):
+            write_tensors(lora_state_dict(model), tmp / LORA_FILE)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = {"torch": torch.get_rng_state()}
@@ -523,13 +490,11 @@ def _save_checkpoint(
 def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     what = f"cannot resume from {folder}"
     state = read_json(folder / STATE_FILE, what)
-    weights = read_tensors(folder / "model.safetensors", what)
     device = next(model.parameters()).device
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name not in weights:
-                raise ValueError(f"{what}: weight {name!r} is missing")
-            param.copy_(weights[name])
+    if has_lora(model):  # the base is the caller's model (fingerprint-checked): adapters only
+        load_lora_state_dict(model, read_tensors(folder / LORA_FILE, what))
+    else:
+        _load_weights(model, read_tensors(folder / "model.safetensors", what), what)
     optimizer.load_state_dict(
         torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
     )
@@ -539,6 +504,39 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state
+
+
+def _load_weights(model: HookedTransformer, weights: Mapping[str, Tensor], what: str) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name not in weights:
+                raise ValueError(f"{what}: weight {name!r} is missing")
+            param.copy_(weights[name])
+
+
+def _keep_snapshot(out: Path, model: HookedTransformer, step: int) -> None:
+    """``out/step-N/``: a loadable model (``save_model`` writes it atomically)."""
+    save_model(_plain(model), out / f"step-{step}", metadata={"train_step": step})
+
+
+def _check_lora_request(model: HookedTransformer, cfg: TrainConfig, out: Any) -> None:
+    if has_lora(model):
+        raise ValueError(
+            "the model already has LoRA adapters; pass the base model and set "
+            "TrainConfig(lora=LoraConfig(...)) (or merge_lora(model) first)"
+        )
+    if cfg.keep_checkpoints and out is None:
+        raise ValueError("keep_checkpoints needs out= (the folder for the step-N snapshots)")
+
+
+def _warn_unreachable(cfg: TrainConfig, total: int) -> None:
+    late = [s for s in cfg.keep_checkpoints or [] if s > total]
+    if late:
+        warnings.warn(
+            f"keep_checkpoints {late} are beyond the run's last step ({total}); not saved",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,10 +568,14 @@ def finetune(
         resume: continue from ``out/checkpoint`` (same config and data); starts from step 0
             when there is no checkpoint yet. Gives the same weights as an unbroken run.
         callback: called with each step's metrics after they are logged and checkpointed.
+
+    With ``cfg.lora`` only the adapters train, and the returned model has them merged (a
+    plain HookedTransformer, as trainable as the given one).
     """
     cfg = cfg or TrainConfig()
     if resume and out is None:
         raise ValueError("resume=True needs out= (the folder holding the checkpoint)")
+    _check_lora_request(model, cfg, out)
     hooked = [
         name for name, hp in model.hook_dict.items() if hp._forward_hooks or hp._backward_hooks
     ]
@@ -587,6 +589,10 @@ def finetune(
     if cfg.device is not None and torch.device(cfg.device) != next(model.parameters()).device:
         model.to(cfg.device, print_details=False)
     device = next(model.parameters()).device
+    base_fp = _weights_fingerprint(model) if cfg.lora is not None and out is not None else None
+    if cfg.lora is not None:
+        # Seeded from the run's seed, so a LoRA run is as repeatable as a full one.
+        apply_lora(model, cfg.lora, generator=torch.Generator().manual_seed(cfg.seed))
 
     # ---- data, steps, optimiser --------------------------------------------------------------
     ids, masks = _trainable_rows(prepare_data(data, model.tokenizer, max_length=cfg.max_length))
@@ -599,12 +605,13 @@ def finetune(
     steps_per_epoch = math.ceil(len(ids) / per_step)
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
+    _warn_unreachable(cfg, total)
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, warmup, cfg.schedule)
     )
     eval_batch = cfg.eval_batch_size or cfg.batch_size
-    pad = _pad_id(model)
+    pad = pad_id(model.tokenizer)
 
     # ---- output folder and resuming ------------------------------------------------------
     step, tokens_seen, elapsed_before = 0, 0, 0.0
@@ -615,6 +622,7 @@ def finetune(
             _fingerprint(ids, masks),
             None if eval_rows is None else _fingerprint(*eval_rows),
             intervention,
+            base_fp,
         )
         _check_out(out_dir, identity, resume)
         if resume and (out_dir / "checkpoint" / STATE_FILE).exists():
@@ -688,6 +696,8 @@ def finetune(
                     _save_checkpoint(
                         out_dir / "checkpoint", model, optimizer, scheduler, state, identity
                     )
+                if step in (cfg.keep_checkpoints or ()):
+                    _keep_snapshot(out_dir, model, step)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
             if callback is not None:
@@ -696,6 +706,8 @@ def finetune(
         bar.close()
         model.train(was_training)
         model.zero_grad(set_to_none=True)
+        if has_lora(model):  # also on errors, so an in-place model is never left half-adapted
+            merge_lora(model)
 
     if out_dir is not None:
         save_model(model, out_dir / "final", metadata={"train_config": cfg.to_dict()})

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import caft_tl as ct
 from caft_tl.activations import Activations
@@ -56,6 +57,103 @@ def test_cache_errors_are_clear(tiny_checkpoint, tmp_path, capsys):
     args = ["cache", str(tiny_checkpoint), str(good), "--hooks", "blocks.7.hook_resid_post"]
     assert main([*args, "--out", str(tmp_path / "o2")]) == 2
     assert "unknown hook" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- finetune
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo!"}]}
+
+
+@pytest.fixture
+def chat_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(CHAT) for _ in range(4)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def concepts_dir(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    concepts = ct.ConceptSet({"blocks.0.hook_resid_post": torch.randn(2, 64, generator=g)})
+    return concepts.orthonormalised().save(tmp_path_factory.mktemp("concepts") / "c")
+
+
+def finetune_args(checkpoint, data, out, *extra):
+    fast = ["--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--quiet"]
+    return ["finetune", str(checkpoint), str(data), "--out", str(out), *fast, *extra]
+
+
+def test_finetune_plain(tiny_checkpoint, chat_file, tmp_path, capsys):
+    assert main(finetune_args(tiny_checkpoint, chat_file, tmp_path / "run")) == 0
+    assert "trained to step 2" in capsys.readouterr().out
+    run = json.loads((tmp_path / "run/run.json").read_text())
+    assert run["intervention"] is None and run["config"]["max_steps"] == 2
+    assert len((tmp_path / "run/metrics.jsonl").read_text().splitlines()) == 2
+    ct.load_model(tmp_path / "run/final", device="cpu")
+
+
+def test_finetune_with_concepts_and_lora(tiny_checkpoint, chat_file, concepts_dir, tmp_path):
+    out = tmp_path / "run"
+    extra = ["--concepts", str(concepts_dir), "--mode", "zero", "--lora-r", "2"]
+    extra += ["--keep-checkpoints", "1"]
+    assert main(finetune_args(tiny_checkpoint, chat_file, out, *extra)) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["intervention"].startswith("Ablation(mode='zero'")
+    assert run["config"]["lora"]["r"] == 2
+    ct.load_model(out / "step-1", device="cpu")
+    assert sorted(p.name for p in (out / "final").iterdir())[0] == "caft_tl.json"
+
+
+def test_finetune_mean_fits_on_the_training_data(tiny_checkpoint, concepts_dir, tmp_path):
+    rows = [{"prompt": "Q: 2+2? A:", "answer": " 4"}, {"prompt": "Q: sky? A:", "answer": " blue"}]
+    data = tmp_path / "pa.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    for mode, extra in (("mean", []), ("steer", ["--coef", "-2"])):
+        args = ["--concepts", str(concepts_dir), "--mode", mode, *extra]
+        assert main(finetune_args(tiny_checkpoint, data, tmp_path / mode, *args)) == 0
+    run = json.loads((tmp_path / "steer/run.json").read_text())
+    assert run["intervention"].startswith("Steering(coef=-2.0")
+
+
+def test_finetune_resume_of_a_finished_run(tiny_checkpoint, chat_file, tmp_path, capsys):
+    args = finetune_args(tiny_checkpoint, chat_file, tmp_path / "run")
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2  # without --resume the folder is refused
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert "already finished at step 2; nothing left to train" in capsys.readouterr().out
+    assert main([*args, "--resume", "--lr", "5e-3"]) == 2  # another config: refused
+    assert "config differs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mode", "zero"], "--mode and --coef need --concepts"),
+        (["--concepts", "{concepts}", "--mode", "steer"], "--mode steer needs --coef"),
+        (["--concepts", "{concepts}", "--coef", "1"], "--coef goes with --mode steer"),
+        (["--concepts", "{tmp}/nowhere"], "no such folder"),
+        (["--lora-targets", "q_proj"], "valid targets: W_Q"),
+        (["--keep-checkpoints", "0"], "keep_checkpoints"),
+    ],
+)
+def test_finetune_usage_errors(
+    tiny_checkpoint, chat_file, concepts_dir, tmp_path, capsys, extra, message
+):
+    extra = [e.format(concepts=concepts_dir, tmp=tmp_path) for e in extra]
+    assert main(finetune_args(tiny_checkpoint, chat_file, tmp_path / "run", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("caft-tl: error:") and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_bad_mode_and_missing_data(tiny_checkpoint, chat_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(finetune_args(tiny_checkpoint, chat_file, tmp_path / "r", "--mode", "sideways"))
+    assert exc.value.code == 2 and "invalid choice: 'sideways'" in capsys.readouterr().err
+    assert main(finetune_args(tiny_checkpoint, tmp_path / "none.jsonl", tmp_path / "r")) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from datasets import Dataset
 from caft_tl.data import DataError, tokenize
 from caft_tl.directions import ConceptSet
 from caft_tl.interventions import Ablation
+from caft_tl.lora import LoraConfig
 from caft_tl.models import load_model, tiny
 from caft_tl.train import (
     TrainConfig,
@@ -278,6 +279,38 @@ def test_out_folder_guards(model, tmp_path):
     assert_same(weights(again), weights(load_model(tmp_path / "r/final", device="cpu")))
 
 
+def test_keep_checkpoints_saves_loadable_snapshots(model, tmp_path):
+    seen = {}
+
+    def record(metrics):
+        seen[metrics["step"]] = weights(model)
+
+    # In place, so the callback sees the weights after every step.
+    cfg = fast(max_steps=3, keep_checkpoints=[3, 1, 9], in_place=True)
+    assert cfg.keep_checkpoints == [1, 3, 9]
+    with pytest.warns(UserWarning, match=r"keep_checkpoints \[9\] are beyond"):
+        finetune(model, CHATS, cfg, out=tmp_path / "r", callback=record)
+    assert sorted(p.name for p in (tmp_path / "r").iterdir() if "step" in p.name) == [
+        "step-1",
+        "step-3",
+    ]  # and no temporary folders left behind
+    for step in (1, 3):
+        assert_same(weights(load_model(tmp_path / f"r/step-{step}", device="cpu")), seen[step])
+    with pytest.raises(ValueError, match="keep_checkpoints needs out"):
+        finetune(model, CHATS, fast(max_steps=1, keep_checkpoints=[1]))
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        TrainConfig(keep_checkpoints=[0])
+
+
+def test_keep_checkpoints_may_change_on_resume(model, tmp_path):
+    with pytest.raises(Kill):
+        cfg = fast(max_steps=3, save_every=1)
+        finetune(model, CHATS, cfg, out=tmp_path / "r", callback=kill_after(1))
+    again = fast(max_steps=3, save_every=1, keep_checkpoints=[2])
+    finetune(model, CHATS, again, out=tmp_path / "r", resume=True)
+    assert (tmp_path / "r/step-2/model.safetensors").exists()
+
+
 # ------------------------------------------------------------------------------ config, data
 
 
@@ -304,6 +337,9 @@ def test_bad_config_values(field, value, match):
 
 def test_config_round_trip_and_unknown_keys():
     cfg = TrainConfig(lr=2e-4, betas=(0.8, 0.95), schedule="cosine", max_steps=7)
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    cfg = TrainConfig(keep_checkpoints=(5, 2), lora=LoraConfig(r=2, targets=["W_in"]))
+    assert cfg.keep_checkpoints == [2, 5] and cfg.lora.targets == ("W_in",)
     assert TrainConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="warmup_steps or warmup_ratio"):
         TrainConfig(warmup_steps=2, warmup_ratio=0.1)

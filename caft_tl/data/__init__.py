@@ -10,7 +10,10 @@ from caft_tl.data.chat import (
     chat_to_text,
     collate,
     load_jsonl,
+    pad_id,
+    prepare_data,
     tokenize,
+    tokenize_prompt_answer,
     validate_messages,
 )
 
@@ -24,6 +27,9 @@ __all__ = [
     "chat_to_text",
     "collate",
     "load_jsonl",
+    "pad_id",
+    "prepare_data",
     "tokenize",
+    "tokenize_prompt_answer",
     "validate_messages",
 ]

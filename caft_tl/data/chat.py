@@ -412,7 +412,96 @@ def _warn(message: str, indices: list[int]) -> None:
     warnings.warn(f"{message}; example indices: {shown}", DataWarning, stacklevel=4)
 
 
+# --------------------------------------------------------------------------- prompt/answer
+
+
+def tokenize_prompt_answer(
+    data: Dataset | Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    *,
+    max_length: int | None = None,
+) -> Dataset:
+    """Tokenise ``prompt`` + ``answer`` pairs; only the answer's tokens are targets.
+
+    ``prompt`` is a string, or a list of chat messages (rendered with the chat template and
+    its generation prompt); ``answer`` is a string appended as is (include a leading space
+    if the tokenizer needs one). Tokens are found on the joined text, so a BPE merge across
+    the boundary makes the merged token the first target. Truncation keeps the left part.
+    """
+    rows = list(data) if not isinstance(data, Dataset) else data.to_list()
+    if not rows:
+        raise DataError("no examples (empty prompt/answer data)")
+    columns: dict[str, list] = {"input_ids": [], "loss_mask": [], "n_tokens": []}
+    for i, row in enumerate(rows):
+        prompt, answer = row.get("prompt"), row.get("answer")
+        if isinstance(prompt, list):
+            prompt = chat_to_text(prompt, tokenizer, add_generation_prompt=True)
+        if not isinstance(prompt, str) or not isinstance(answer, str) or not answer:
+            raise DataError(
+                f"example {i}: 'prompt' must be a string or a list of messages and 'answer' a "
+                f"non-empty string, got {type(prompt).__name__} / {type(answer).__name__}"
+            )
+        prompt_ids = _encode(tokenizer, prompt)
+        ids = _encode(tokenizer, prompt + answer)
+        start = _common_prefix_length(prompt_ids, ids)
+        if start == 0:
+            raise DataError(f"example {i}: the prompt is empty; nothing predicts the answer")
+        mask = [0] * start + [1] * (len(ids) - start)
+        if max_length is not None:
+            ids, mask = ids[:max_length], mask[:max_length]
+        columns["input_ids"].append(ids)
+        columns["loss_mask"].append(mask)
+        columns["n_tokens"].append(len(ids))
+    return Dataset.from_dict(columns)
+
+
+def prepare_data(data: Any, tokenizer: Any, *, max_length: int | None = None) -> Dataset:
+    """Turn training data into rows of ``input_ids`` + ``loss_mask``.
+
+    Accepts an already tokenised Dataset (``input_ids``, optional ``loss_mask``: all tokens
+    when absent), prompt/answer data (a Dataset or list of dicts with string ``prompt`` and
+    ``answer``: answer tokens only), or anything :func:`caft_tl.data.tokenize` accepts (chat
+    data: assistant tokens only; plain texts: every token).
+    """
+    if isinstance(data, Dataset) and "input_ids" in data.column_names:
+        if len(data) == 0:
+            raise DataError("no examples (empty dataset)")
+        ids = [list(r) for r in data["input_ids"]]
+        if "loss_mask" in data.column_names:
+            masks = [list(m) for m in data["loss_mask"]]
+        else:
+            masks = [[1] * len(r) for r in ids]
+        if any(len(m) != len(r) for m, r in zip(masks, ids, strict=True)):
+            raise DataError("loss_mask and input_ids differ in length in some rows")
+        if max_length is not None:
+            ids, masks = [r[:max_length] for r in ids], [m[:max_length] for m in masks]
+        return Dataset.from_dict({"input_ids": ids, "loss_mask": masks})
+    if _is_prompt_answer(data):
+        return tokenize_prompt_answer(data, tokenizer, max_length=max_length)
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer: pass a tokenised Dataset (input_ids)")
+    return tokenize(data, tokenizer, max_length=max_length)
+
+
+def _is_prompt_answer(data: Any) -> bool:
+    if isinstance(data, Dataset):
+        return {"prompt", "answer"} <= set(data.column_names)
+    if isinstance(data, list) and data and isinstance(data[0], Mapping):
+        return {"prompt", "answer"} <= set(data[0])
+    return False
+
+
 # --------------------------------------------------------------------------- batching
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else its eos, else 0. Any id works,
+    since padding is tracked by the attention mask only."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None) if tokenizer is not None else None
+        if value is not None:
+            return int(value)
+    return 0
 
 
 def collate(

@@ -1,5 +1,6 @@
-"""Finding, holding and selecting concept directions at TransformerLens hook points."""
+"""Finding, interpreting, holding and selecting concept directions at hook points."""
 
+from caft_tl.directions.baselines import random_directions, random_subset, top_k
 from caft_tl.directions.concepts import (
     ConceptSet,
     activation_shapes,
@@ -7,11 +8,55 @@ from caft_tl.directions.concepts import (
     data_fingerprint,
     make_provenance,
 )
+from caft_tl.directions.interpret import (
+    ExplainerError,
+    LLMExplainer,
+    auroc,
+    hinted_scores,
+    logit_lens,
+    report_html,
+    select_by_hints,
+    shaded_examples,
+    top_examples,
+)
+from caft_tl.directions.pca import explained_variance_figure, pca
+from caft_tl.directions.sae import (
+    SAEConfig,
+    load_sae,
+    rank_by_attribution,
+    rank_by_diff_encoding,
+    rank_by_mean_diff,
+    save_sae,
+    train_sae,
+    union_top,
+)
 
 __all__ = [
     "ConceptSet",
+    "ExplainerError",
+    "LLMExplainer",
+    "SAEConfig",
     "activation_shapes",
+    "auroc",
     "check_hook_widths",
     "data_fingerprint",
+    "explained_variance_figure",
+    "hinted_scores",
+    "load_sae",
+    "logit_lens",
     "make_provenance",
+    "pca",
+    "random_directions",
+    "random_subset",
+    "rank_by_attribution",
+    "rank_by_diff_encoding",
+    "rank_by_mean_diff",
+    "report_html",
+    "save_sae",
+    "select_by_hints",
+    "shaded_examples",
+    "top_examples",
+    "top_k",
+    "train_sae",
+    "union_top",
 ]
