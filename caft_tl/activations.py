@@ -160,10 +160,19 @@ class Activations:
 class _ShardSink:
     """Collects batches of rows; in memory (``path=None``) or as shards of bounded size."""
 
-    def __init__(self, path: Path | None, hooks: Sequence[str], shard_tokens: int | None):
+    def __init__(
+        self,
+        path: Path | None,
+        hooks: Sequence[str],
+        shard_tokens: int | None,
+        shard_bytes: int | None = None,
+    ):
         self.path, self.hooks, self.shard_tokens = path, list(hooks), shard_tokens
+        # Rows alone do not bound memory: 30 residual hooks make a row 30x wider.
+        self.shard_bytes = shard_bytes
         self.buffer: list[dict[str, Tensor]] = []
         self.buffered = 0
+        self.buffered_bytes = 0
         self.chunks: list[Any] = []
         self.n_tokens = 0
         if path is not None:
@@ -177,15 +186,18 @@ class _ShardSink:
             return
         self.buffer.append(chunk)
         self.buffered += n
+        self.buffered_bytes += sum(t.numel() * t.element_size() for t in chunk.values())
         self.n_tokens += n
-        if self.shard_tokens is not None and self.buffered >= self.shard_tokens:
+        full_rows = self.shard_tokens is not None and self.buffered >= self.shard_tokens
+        full_bytes = self.shard_bytes is not None and self.buffered_bytes >= self.shard_bytes
+        if full_rows or full_bytes:
             self._flush()
 
     def _flush(self) -> None:
         if not self.buffer:
             return
         merged = {k: torch.cat([c[k] for c in self.buffer]) for k in self.buffer[0]}
-        self.buffer, self.buffered = [], 0
+        self.buffer, self.buffered, self.buffered_bytes = [], 0, 0
         if self.path is None:
             self.chunks.append(merged)
             return
@@ -359,6 +371,7 @@ def cache_activations(
     max_length: int | None = None,
     dtype: torch.dtype | None = torch.float32,
     shard_tokens: int = 16384,
+    shard_mb: float = 256.0,
     progress: bool = True,
 ) -> Activations:
     """Run ``model`` over ``data`` and keep the activations at ``hooks``.
@@ -368,12 +381,15 @@ def cache_activations(
             tokenised by :func:`caft_tl.data.tokenize`.
         positions: ``"all"`` real tokens, ``"assistant"`` tokens (the assistant loss mask),
             or the ``"last"`` token of each example.
-        out: a new folder to stream safetensors shards of at most ``shard_tokens`` rows into
-            (memory stays bounded); ``None`` keeps everything in memory.
+        out: a new folder to stream safetensors shards into, each of at most ``shard_tokens``
+            rows and about ``shard_mb`` MiB (memory stays bounded by one shard plus one
+            batch); ``None`` keeps everything in memory.
         dtype: storage dtype (``None``: the model's).
     """
     hooks, ds = _prepare(model, data, hooks, positions, max_length)
-    sink = _ShardSink(Path(out) if out is not None else None, hooks, shard_tokens)
+    sink = _ShardSink(
+        Path(out) if out is not None else None, hooks, shard_tokens, int(shard_mb * 2**20)
+    )
     n_batches = -(-len(ds) // batch_size)
     it = batches(ds, batch_size, pad_token_id=pad_id(model.tokenizer), padding_side="right")
     with torch.inference_mode():
@@ -413,6 +429,7 @@ def activation_diff(
     return_both: bool = False,
     max_length: int | None = None,
     shard_tokens: int = 16384,
+    shard_mb: float = 256.0,
     progress: bool = True,
 ) -> Activations | ActivationDiff:
     """Activations of ``finetuned`` minus ``base`` on the same tokens.
@@ -425,7 +442,11 @@ def activation_diff(
     check_hooks(finetuned, hooks)
     root = Path(out) if out is not None else None
     kinds = ("diff", "base", "finetuned") if return_both else ("diff",)
-    sinks = {k: _ShardSink(None if root is None else root / k, hooks, shard_tokens) for k in kinds}
+    budget = int(shard_mb * 2**20)
+    sinks = {
+        k: _ShardSink(None if root is None else root / k, hooks, shard_tokens, budget)
+        for k in kinds
+    }
     n_batches = -(-len(ds) // batch_size)
     it = batches(ds, batch_size, pad_token_id=pad_id(base.tokenizer), padding_side="right")
     with torch.inference_mode():

@@ -495,12 +495,14 @@ def _config_to_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
 
 
 def _load_checkpoint(path: Path, device: str, dtype: torch.dtype) -> HookedTransformer:
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     from transformers import AutoTokenizer
 
+    weights_file = path / "model.safetensors"
     try:
         fields = json.loads((path / "config.json").read_text())
-        weights = load_file(str(path / "model.safetensors"))
+        with safe_open(str(weights_file), framework="pt") as f:
+            stored = set(f.keys())
     except Exception as exc:  # safetensors raises its own error type for corrupt files
         raise ModelLoadError(f"{path} is not a readable caft-tl checkpoint: {exc}") from exc
     fields.update(dtype=dtype, device=device)
@@ -510,14 +512,16 @@ def _load_checkpoint(path: Path, device: str, dtype: torch.dtype) -> HookedTrans
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(cfg, tokenizer=tokenizer)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    buffers = {name for name, _ in model.named_buffers()}
-    bad_missing = [k for k in missing if k not in buffers]
-    if bad_missing or unexpected:
+    params = dict(model.named_parameters())
+    if stored != set(params):
         raise ModelLoadError(
-            f"{path}: weights do not match the config (missing {bad_missing[:5]}, "
-            f"unexpected {unexpected[:5]})"
+            f"{path}: weights do not match the config (missing "
+            f"{sorted(set(params) - stored)[:5]}, unexpected {sorted(stored - set(params))[:5]})"
         )
+    # One tensor at a time: a full state dict beside the model would double peak memory.
+    with torch.no_grad(), safe_open(str(weights_file), framework="pt") as f:
+        for name, param in params.items():
+            param.copy_(f.get_tensor(name))
     return model.eval()
 
 

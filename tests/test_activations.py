@@ -200,3 +200,20 @@ def test_embedded_model_caching(embedded_model):
     sel = acts.rows.example == 0
     ref = _reference(embedded_model, ids, "blocks.15.hook_resid_post")[acts.rows.position[sel]]
     torch.testing.assert_close(acts["blocks.15.hook_resid_post"][sel], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_shards_are_bounded_in_bytes(tiny_model, tmp_path):
+    acts = ct.cache_activations(
+        tiny_model,
+        _convs(),
+        [HOOK0, HOOK1],
+        out=tmp_path / "a",
+        batch_size=1,
+        shard_tokens=10**9,
+        shard_mb=0.02,
+        progress=False,
+    )
+    sizes = [(tmp_path / "a" / name).stat().st_size for name in acts.meta["shards"]]
+    assert len(sizes) > 1
+    # A shard closes once it passes the budget, so it exceeds it by at most one batch.
+    assert max(sizes) < 0.02 * 2**20 + 60 * (2 * 64 * 4 + 4 * 8) + 4096
