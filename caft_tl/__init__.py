@@ -1,6 +1,6 @@
 """caft-tl: Concept Ablation Fine-Tuning (CAFT) and model diffing on TransformerLens."""
 
-from caft_tl import data, directions, models
+from caft_tl import compare, data, directions, models
 from caft_tl.activations import ActivationDiff, Activations, activation_diff, cache_activations
 from caft_tl.directions import ConceptSet
 from caft_tl.interventions import Ablation, Steering, load_intervention
@@ -18,6 +18,7 @@ __all__ = [
     "Steering",
     "TrainConfig",
     "cache_activations",
+    "compare",
     "data",
     "directions",
     "evaluate_loss",
