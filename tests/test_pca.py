@@ -37,7 +37,8 @@ def _activations(tensors: dict[str, torch.Tensor], target: torch.Tensor | None =
         part = slice(start, start + size)
         chunk = {h: t[part].float() for h, t in tensors.items()}
         chunk["_example"] = torch.arange(start, start + size)
-        chunk["_position"] = torch.zeros(size, dtype=torch.long)
+        # Never position 0: pca() skips each example's first token by default.
+        chunk["_position"] = torch.arange(1, size + 1, dtype=torch.long)
         chunk["_token"] = torch.zeros(size, dtype=torch.long)
         chunk["_target"] = target[part]
         chunks.append(chunk)
@@ -236,8 +237,9 @@ def test_on_disk_activation_diff(diff_folder):
     assert acts.on_disk and len(acts.meta["shards"]) > 2
     cs = pca(diff_folder, k=5, progress=False)  # a folder path
     same = pca(acts, k=5, progress=False)  # the opened Activations
+    later = acts.rows.position > 0  # the first token of each example is skipped
     for hook in (H0, H1):
-        ref, ratio = _exact(acts[hook], 5)
+        ref, ratio = _exact(acts[hook][later], 5)
         assert _projector_gap(cs[hook], ref) < 1e-6
         torch.testing.assert_close(cs[hook], ref, atol=1e-6, rtol=0)
         assert cs.scores[hook] == pytest.approx(ratio.tolist(), rel=1e-6)
@@ -250,12 +252,23 @@ def test_on_disk_activation_diff(diff_folder):
 
 def test_on_disk_assistant_only(diff_folder):
     acts = Activations.load(diff_folder)
-    keep = acts.rows.target == 1
+    keep = (acts.rows.target == 1) & (acts.rows.position > 0)
     assert 0 < int(keep.sum()) < len(acts)
     cs = pca(acts, k=3, hooks=[H1], assistant_only=True, progress=False)
     ref, _ = _exact(acts[H1][keep], 3)
     assert cs.hooks == [H1]
     assert _projector_gap(cs[H1], ref) < 1e-6
+
+
+def test_skip_first_can_be_turned_off(diff_folder):
+    acts = Activations.load(diff_folder)
+    every = pca(acts, k=3, hooks=[H0], skip_first=False, progress=False)
+    ref, _ = _exact(acts[H0], 3)
+    assert _projector_gap(every[H0], ref) < 1e-6
+    assert every.provenance["parameters"]["n_tokens"][H0] == len(acts)
+    skipped = pca(acts, k=3, hooks=[H0], progress=False)
+    n_first = int((acts.rows.position == 0).sum())
+    assert skipped.provenance["parameters"]["n_tokens"][H0] == len(acts) - n_first
 
 
 def test_saved_and_loaded(diff_folder, tmp_path):

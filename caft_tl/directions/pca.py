@@ -127,18 +127,29 @@ def _select_hooks(available: list[str], hooks: Sequence[str] | str | None) -> li
 
 
 def _chunks(
-    src: Activations | dict[str, Tensor], hook: str, assistant_only: bool
+    src: Activations | dict[str, Tensor], hook: str, assistant_only: bool, skip_first: bool
 ) -> Iterator[Float[Tensor, "n d"]]:
-    """The hook's rows chunk by chunk, restricted to assistant tokens when asked."""
+    """The hook's rows chunk by chunk, restricted to assistant tokens / later positions."""
     if isinstance(src, dict):
         yield src[hook]
         return
-    if not assistant_only:
+    if not (assistant_only or skip_first):
         yield from src.iter_chunks(hook)
         return
-    # The target column is stored per shard beside the activations: filter shard by shard.
-    for rows, target in zip(src.iter_chunks(hook), src.iter_chunks("_target"), strict=True):
-        yield rows[target == 1]
+    # Row metadata is stored per shard beside the activations: filter shard by shard.
+    columns = zip(
+        src.iter_chunks(hook),
+        src.iter_chunks("_target"),
+        src.iter_chunks("_position"),
+        strict=True,
+    )
+    for rows, target, position in columns:
+        keep = torch.ones_like(target, dtype=torch.bool)
+        if assistant_only:
+            keep &= target == 1
+        if skip_first:
+            keep &= position > 0
+        yield rows[keep]
 
 
 def _n_rows(src: Activations | dict[str, Tensor], hook: str) -> int:
@@ -230,6 +241,7 @@ def _fit_hook(
     k: int,
     *,
     assistant_only: bool,
+    skip_first: bool,
     center: bool,
     dtype: torch.dtype,
     progress: bool,
@@ -237,7 +249,8 @@ def _fit_hook(
     with tqdm(
         total=_n_rows(src, hook), desc=f"PCA {hook}", unit="tok", disable=not progress
     ) as bar:
-        moments = _accumulate(_chunks(src, hook, assistant_only), hook, k, dtype, center, bar)
+        rows = _chunks(src, hook, assistant_only, skip_first)
+        moments = _accumulate(rows, hook, k, dtype, center, bar)
     n = 0 if moments is None else moments.n
     if n == 0 and assistant_only:
         raise ValueError(
@@ -279,6 +292,7 @@ def pca(
     *,
     hooks: Sequence[str] | str | None = None,
     assistant_only: bool = False,
+    skip_first: bool = True,
     center: bool = True,
     model: Any = None,
     dtype: torch.dtype = torch.float64,
@@ -298,6 +312,10 @@ def pca(
         hooks: hooks to analyse (default: every hook in ``diff``).
         assistant_only: keep only rows whose ``rows.target == 1`` (assistant tokens of chat
             data), as CAFT does; needs Activations, not a dict.
+        skip_first: drop each example's first token (Activations only; dicts are used as
+            given). Its residual stream is an attention sink with a norm far above other
+            tokens', so its difference alone can take most of the variance (92% of PC0 in
+            one run on the embedded model).
         center: subtract the mean difference first (PCA of the covariance). ``False`` gives
             the top directions of the uncentred second moment.
         model: recorded in the provenance (default: ``diff.meta["model"]``).
@@ -332,6 +350,7 @@ def pca(
             hook,
             k,
             assistant_only=assistant_only,
+            skip_first=skip_first,
             center=center,
             dtype=dtype,
             progress=progress,
@@ -345,6 +364,7 @@ def pca(
         k=k,
         center=center,
         assistant_only=assistant_only,
+        skip_first=skip_first and not isinstance(src, dict),
         dtype=str(dtype).removeprefix("torch."),
         hooks=selected,
         n_tokens={h: f["n"] for h, f in fits.items()},
