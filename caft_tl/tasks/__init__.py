@@ -1,0 +1,34 @@
+"""Built-in tasks, generated locally and deterministic by seed (no downloads).
+
+- :func:`gender_pronoun`: pick the grammatical pronoun while the profession's gender
+  stereotype agrees (train, test) or disagrees (ood) with it;
+- :func:`double_mc`: two questions in one prompt, answer the intended one;
+- :func:`chat_prompts`: generic chat prompts for direction finding without task data.
+"""
+
+from caft_tl.tasks._mc import LETTERS, OPTION_TOKENS, SPLITS
+from caft_tl.tasks.double_mc import SUBTASKS, contrast_set, double_mc, single_mc
+from caft_tl.tasks.double_mc import pairs as double_mc_pairs
+from caft_tl.tasks.gender import (
+    FEMALE_PROFESSIONS,
+    MALE_PROFESSIONS,
+    gender_contrast,
+    gender_pronoun,
+)
+from caft_tl.tasks.prompts import chat_prompts
+
+__all__ = [
+    "FEMALE_PROFESSIONS",
+    "LETTERS",
+    "MALE_PROFESSIONS",
+    "OPTION_TOKENS",
+    "SPLITS",
+    "SUBTASKS",
+    "chat_prompts",
+    "contrast_set",
+    "double_mc",
+    "double_mc_pairs",
+    "gender_contrast",
+    "gender_pronoun",
+    "single_mc",
+]
