@@ -237,6 +237,25 @@ def test_hinted_reductions_match_brute_force(model, hinted, reduce):
         it.hinted_scores(model, cs, MALE, FEMALE, reduce="median")
 
 
+def test_paired_hinted_scores_count_wins_per_pair(model, hinted):
+    cs, _, (male, female) = hinted
+    scores = it.hinted_scores(model, cs, MALE, FEMALE, paired=True)
+    d = cs[R1][3]
+    wins = [
+        1.0 if a > b else 0.5 if a == b else 0.0
+        for a, b in zip(
+            [float(h[1:].mean(0) @ d) for h in male],
+            [float(h[1:].mean(0) @ d) for h in female],
+            strict=True,
+        )
+    ]
+    assert scores.auroc[3] == pytest.approx(sum(wins) / len(wins))
+    assert scores.auroc.tolist()[:3] == [1.0, 0.0, 0.5] and scores.paired.all()
+    assert it.paired_auroc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 2.0, 4.0])) == 0.5
+    with pytest.raises(ValueError, match="matched pairs"):
+        it.hinted_scores(model, cs, MALE, FEMALE[:-1], paired=True)
+
+
 def test_select_by_hints(hinted, tmp_path):
     cs, scores, _ = hinted
     chosen = it.select_by_hints(cs, scores, min_auroc=0.99)

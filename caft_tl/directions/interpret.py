@@ -552,6 +552,29 @@ def _render_script(elements: list[tuple[str, dict[str, Any]]]) -> str:
     )
 
 
+def _sections(
+    model, concepts, data, acts, k, window, positions, batch_size, lens_k, explanations, skip_first
+) -> tuple[Activations, _Page, list[str]]:
+    """One HTML section per direction (and the activations and page they came from)."""
+    acts = _activations(model, concepts, data, acts, positions, batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skipped hooks simply show no logit lens
+        lens = logit_lens(model, concepts, k=lens_k)
+    page, sections, allowed = _Page(), [], _candidates(acts, skip_first)
+    for hook in concepts.hooks:
+        proj = _project(acts, concepts, hook)
+        for index in range(proj.shape[1]):
+            windows = {}
+            for side in ("top", "bottom"):
+                rows = _extreme_rows(proj[:, index], k, side, allowed).tolist()
+                windows[side] = _shaded_windows(
+                    model, concepts, acts, proj, hook, index, rows, window
+                )
+            note = (explanations or {}).get((hook, index))
+            sections.append(_direction_html(page, concepts, hook, index, windows, lens, note))
+    return acts, page, sections
+
+
 def report_html(
     model: HookedTransformer,
     concepts: ConceptSet,
@@ -577,22 +600,10 @@ def report_html(
     styles, and with ``bundle=True`` the circuitsvis JavaScript (about 1.3 MB) is included
     once and renders each example as an interactive ``ColoredTokens`` element.
     """
-    acts = _activations(model, concepts, data, acts, positions, batch_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # skipped hooks simply show no logit lens
-        lens = logit_lens(model, concepts, k=lens_k)
-    page, sections, allowed = _Page(), [], _candidates(acts, skip_first)
-    for hook in concepts.hooks:
-        proj = _project(acts, concepts, hook)
-        for index in range(proj.shape[1]):
-            windows = {}
-            for side in ("top", "bottom"):
-                rows = _extreme_rows(proj[:, index], k, side, allowed).tolist()
-                windows[side] = _shaded_windows(
-                    model, concepts, acts, proj, hook, index, rows, window
-                )
-            note = (explanations or {}).get((hook, index))
-            sections.append(_direction_html(page, concepts, hook, index, windows, lens, note))
+    acts, page, sections = _sections(
+        model, concepts, data, acts, k, window, positions, batch_size, lens_k, explanations,
+        skip_first,
+    )  # fmt: skip
     js = _bundle() if bundle else None
     if bundle and js is None:
         warnings.warn("circuitsvis bundle not found: the report uses plain shading", stacklevel=2)
@@ -600,6 +611,30 @@ def report_html(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(_page_html(concepts, title, acts, sections, page, js), encoding="utf-8")
     return out
+
+
+def directions_html(
+    model: HookedTransformer,
+    concepts: ConceptSet,
+    data: Any,
+    *,
+    k: int = 6,
+    acts: Activations | None = None,
+    window: Window = (12, 3),
+    positions: Positions = "all",
+    batch_size: int = 8,
+    lens_k: int = 10,
+    explanations: Mapping[tuple[str, int], str] | None = None,
+    skip_first: bool = True,
+) -> str:
+    """The per-direction sections of :func:`report_html` (logit lens and shaded top / bottom
+    examples) as an HTML fragment with its own ``<style>``, for embedding in a larger
+    report. Tokens are shaded with inline styles only: no script, no network."""
+    _, _, sections = _sections(
+        model, concepts, data, acts, k, window, positions, batch_size, lens_k, explanations,
+        skip_first,
+    )  # fmt: skip
+    return f"<style>{_CSS}</style>\n" + "\n".join(sections)
 
 
 def _page_html(
@@ -713,6 +748,7 @@ def hinted_scores(
     reduce: Reduce = "mean",
     batch_size: int = 8,
     skip_first: bool = True,
+    paired: bool = False,
 ) -> pd.DataFrame:
     """How well each direction separates two contrast sets (hinted autointerp, offline).
 
@@ -721,6 +757,13 @@ def hinted_scores(
     one number (``"mean"`` / ``"max"`` over its ``positions`` tokens, or its ``"last"``),
     and the AUROC of positive vs negative examples is reported. ``skip_first`` leaves each
     sequence's first token out (examples left without tokens are dropped).
+
+    ``paired=True`` is for matched pairs (``positive[i]`` and ``negative[i]`` differ only
+    in the concept, e.g. "She ..." / "He ..."): the "auroc" is then the share of pairs whose
+    positive example projects higher (ties count half). Everything the two sentences
+    share cancels within a pair, so a concept carried by one or two tokens of a sentence
+    still shows, where the unpaired AUROC of per-sentence means is swamped by how much
+    sentences differ from each other.
 
     Returns columns ``hook, index, label, auroc, separation (|auroc - 0.5|), sign (+1 when
     positives project higher, -1 lower, 0 neither), mean_positive, mean_negative,
@@ -731,15 +774,17 @@ def hinted_scores(
         raise ValueError(f"reduce must be 'mean', 'max' or 'last', got {reduce!r}")
     pos = _example_scores(model, concepts, positive, positions, reduce, batch_size, skip_first)
     neg = _example_scores(model, concepts, negative, positions, reduce, batch_size, skip_first)
+    if paired:
+        _check_pairs(pos, neg)
     common = {
-        "positions": positions, "reduce": reduce,
+        "positions": positions, "reduce": reduce, "paired": paired,
         "positive_data": data_fingerprint(positive), "negative_data": data_fingerprint(negative),
     }  # fmt: skip
     records = []
     for hook in concepts.hooks:
         for index in range(concepts[hook].shape[0]):
             p, q = pos[hook][:, index], neg[hook][:, index]
-            a = auroc(p, q)
+            a = paired_auroc(p, q) if paired else auroc(p, q)
             records.append(
                 {
                     "hook": hook, "index": index, "label": concepts.labels[hook][index],
@@ -750,6 +795,24 @@ def hinted_scores(
                 }
             )  # fmt: skip
     return pd.DataFrame.from_records(records)
+
+
+def _check_pairs(pos: dict[str, Tensor], neg: dict[str, Tensor]) -> None:
+    n_pos, n_neg = (len(next(iter(d.values()))) for d in (pos, neg))
+    if n_pos != n_neg:
+        raise ValueError(
+            f"paired=True needs matched pairs: {n_pos} positive vs {n_neg} negative examples "
+            "(with tokens)"
+        )
+
+
+def paired_auroc(positive: Tensor, negative: Tensor) -> float:
+    """Share of pairs ``i`` with ``positive[i] > negative[i]`` (ties count half): the AUROC
+    of a matched-pairs design (0.5 = no separation)."""
+    if positive.shape != negative.shape or positive.numel() == 0:
+        raise ValueError("paired_auroc needs two non-empty tensors of the same shape")
+    wins = (positive > negative).double() + 0.5 * (positive == negative).double()
+    return float(wins.mean())
 
 
 def _hint_label(label: str, a: float) -> str:
