@@ -1,0 +1,640 @@
+#!/usr/bin/env python
+"""Fine-tuning benchmarks for caft-tl: the cost of a CAFT training step, its memory, and
+checkpoint / resume overhead, on the embedded SmolLM2-135M-Instruct (CPU, fp32, 2 threads).
+
+    python analyses/benchmarks/bench_train.py            # full run, ~10 min on 2 idle cores
+    python analyses/benchmarks/bench_train.py --quick    # smoke run, ~4 min
+
+1. Step time: one full fine-tuning step (zero_grad, forward with the attention mask, masked
+   cross-entropy, backward, gradient clipping, AdamW) on a batch of 8 x 64 tokens, exactly
+   as ``caft_tl.train.finetune`` runs it (same helpers), with each intervention installed
+   by ``intervention.applied(model)``: none, Ablation zero / mean / detached / gradient and
+   Steering, at blocks.10/15/20.hook_resid_post with 20 random orthonormal directions per
+   hook. The same step on the Hugging Face model (same GGUF weights, fp32) runs without
+   hooks and with ``register_forward_hook`` on decoder layers 10/15/20 applying
+   ``h - (h @ Q) @ Q.T`` (zero ablation). All variants share one process and are
+   interleaved: every round runs each variant once, in a rotated order, and ratios are
+   medians of per-round ratios.
+2. Peak memory of a step: a fresh subprocess per variant loads the model, sets up the
+   optimiser, returns freed heap to the OS, resets the RSS high-water mark and reads
+   ``VmHWM`` from /proc/self/status after the step, minus the RSS before it (first step,
+   which allocates AdamW's state, and a second, steady-state step). ``ru_maxrss`` is not
+   used: it carries the parent's peak into a child.
+3. Checkpoints: ``finetune(out=..., save_every=1)`` timed from inside (the library's
+   checkpoint writer and reader are wrapped with timers): the time to write one checkpoint
+   (weights + AdamW state + scheduler + RNG, atomically, fsynced), and the time from calling
+   ``finetune`` to the end of the first step for a fresh start and for a resume.
+
+Results: ``results/train.json`` (``train_quick.json`` with ``--quick``), with machine
+information; a Markdown table is printed at the end. The machine is shared and noisy:
+compare ratios measured within one run, not absolute seconds across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+from bench_foundation import (  # noqa: E402  (shared helpers of the sibling benchmark)
+    RESULT_MARKER,
+    _emit,
+    _malloc_trim,
+    _reset_peak_rss,
+    _vm_kib,
+    load_hf,
+    machine_info,
+    make_texts,
+)
+
+RESULTS_DIR = HERE / "results"
+THREADS = 2
+BATCH_SIZE = 8
+SEQ_LEN = 64
+LAYERS = (10, 15, 20)
+HOOKS = [f"blocks.{layer}.hook_resid_post" for layer in LAYERS]
+N_DIRECTIONS = 20
+LR = 1e-6  # tiny: the weights barely move while every variant trains the same model
+OURS = ("none", "zero", "mean", "detached", "gradient", "steering")
+HF = ("hf_none", "hf_zero")
+TARGET_RATIO = 1.05
+KINDS = ("wall", "cpu", "fwd_bwd")
+
+MODES = {
+    "full": {
+        "rounds": 6,
+        "memory_variants": [*OURS, "hf_zero"],
+        "checkpoint_reps": 2,
+    },
+    "quick": {
+        "rounds": 3,
+        "memory_variants": ["none", "zero"],
+        "checkpoint_reps": 1,
+    },
+}
+
+
+# =============================================================================== setup
+
+
+def _set_threads() -> None:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def make_batch(tokenizer: Any, n: int = BATCH_SIZE, seed: int = 0) -> dict[str, Any]:
+    """``n`` rows of exactly ``SEQ_LEN`` tokens of generated English (no padding)."""
+    from caft_tl.data import DataWarning, collate, pad_id, tokenize
+
+    paragraphs = make_texts(4 * n, seed)
+    texts = [" ".join(paragraphs[4 * i : 4 * i + 4]) for i in range(n)]  # >= 120 tokens each
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)  # truncation to SEQ_LEN is intended
+        ds = tokenize(texts, tokenizer, max_length=SEQ_LEN)
+    assert all(k == SEQ_LEN for k in ds["n_tokens"]), ds["n_tokens"]
+    rows = [
+        {"input_ids": r, "loss_mask": m}
+        for r, m in zip(ds["input_ids"], ds["loss_mask"], strict=True)
+    ]
+    return collate(rows, pad_token_id=pad_id(tokenizer), padding_side="right")
+
+
+def make_interventions(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """``{variant: intervention or None}`` for our variants, means fitted on ``batch``."""
+    import torch
+
+    from caft_tl.directions import ConceptSet, random_directions
+    from caft_tl.interventions import Ablation, Steering, mean_activations
+
+    like = ConceptSet({h: torch.zeros(N_DIRECTIONS, model.cfg.d_model) for h in HOOKS})
+    concepts = random_directions(like, seed=0)
+    mean = mean_activations(
+        model, HOOKS, [{"input_ids": batch["input_ids"], "mask": batch["attention_mask"]}]
+    )
+    return {
+        "none": None,
+        "zero": Ablation(concepts, mode="zero"),
+        "mean": Ablation(concepts, mode="mean", mean=mean),
+        "detached": Ablation(concepts, mode="detached"),
+        "gradient": Ablation(concepts, mode="gradient"),
+        "steering": Steering(concepts, coef=-1.0, mean=mean),
+    }
+
+
+def _optimizer(model: Any):
+    from caft_tl.train import TrainConfig
+    from caft_tl.train import _optimizer as library_optimizer
+
+    return library_optimizer(model, TrainConfig(lr=LR))
+
+
+def _timings(start: float, cpu: float, fwd_bwd: float) -> dict[str, float]:
+    """Wall time, CPU time of the whole process (all threads) and forward+backward wall time
+    of a step. CPU time is less sensitive than wall time to other jobs on a shared machine."""
+    return {
+        "wall": time.perf_counter() - start,
+        "cpu": time.process_time() - cpu,
+        "fwd_bwd": fwd_bwd,
+    }
+
+
+def ours_step_fn(model: Any, batch: dict[str, Any], intervention: Any, optimizer: Any):
+    """One step of ``finetune``'s loop (grad_accum 1); the step returns its timings."""
+    import torch
+
+    from caft_tl.train import _applied, target_loss_sum
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def step() -> dict[str, float]:
+        start, cpu = time.perf_counter(), time.process_time()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad(), _applied(intervention, model):
+            loss, n = target_loss_sum(model, batch)
+            (loss / n).backward()
+            loss.item()
+        fwd_bwd = time.perf_counter() - start
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return _timings(start, cpu, fwd_bwd)
+
+    return step
+
+
+def hf_step_fn(hf: Any, batch: dict[str, Any], q: dict[int, Any] | None, optimizer: Any):
+    """The same step on the HF model; ``q``: ``{layer: Q [d, k]}`` ablated by forward hooks."""
+    import torch
+
+    from caft_tl.train import masked_loss_sum
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def ablate(qmat):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            h = h - (h @ qmat) @ qmat.T
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        return hook
+
+    def step() -> dict[str, float]:
+        start, cpu = time.perf_counter(), time.process_time()
+        handles = [
+            hf.model.layers[i].register_forward_hook(ablate(m)) for i, m in (q or {}).items()
+        ]
+        try:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                logits = hf(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss, n = masked_loss_sum(logits, batch["input_ids"], batch["loss_mask"])
+                (loss / n).backward()
+                loss.item()
+        finally:
+            for handle in handles:
+                handle.remove()
+        fwd_bwd = time.perf_counter() - start
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return _timings(start, cpu, fwd_bwd)
+
+    return step
+
+
+def hf_setup(batch: dict[str, Any], interventions: dict[str, Any]):
+    """The HF model in train mode, its AdamW, and the step functions of the HF variants."""
+    import torch
+
+    hf = load_hf().train()
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=0.0)
+    concepts = interventions["zero"].concepts
+    q = {layer: concepts[h].T.contiguous() for layer, h in zip(LAYERS, HOOKS, strict=True)}
+    return (
+        hf,
+        optimizer,
+        {
+            "hf_none": hf_step_fn(hf, batch, None, optimizer),
+            "hf_zero": hf_step_fn(hf, batch, q, optimizer),
+        },
+        q,
+    )
+
+
+def check_equivalence(model: Any, hf: Any, batch: dict[str, Any], zero: Any, q) -> dict[str, float]:
+    """Max |logit difference| between the TL and HF models, without and with the ablation
+    (shows the HF hooks do what the TL intervention does)."""
+    import torch
+
+    out = {}
+    ids, mask = batch["input_ids"][:2], batch["attention_mask"][:2]
+    with torch.no_grad():
+        for name, intervention, qq in (("none", None, None), ("zero", zero, q)):
+            handles = []
+            if qq:
+                for layer, qmat in qq.items():
+
+                    def hook(module, args, output, qmat=qmat):
+                        h = output[0] if isinstance(output, tuple) else output
+                        h = h - (h @ qmat) @ qmat.T
+                        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+                    handles.append(hf.model.layers[layer].register_forward_hook(hook))
+            try:
+                hf_logits = hf(ids, attention_mask=mask).logits
+            finally:
+                for handle in handles:
+                    handle.remove()
+            ctx = intervention.applied(model) if intervention else contextlib.nullcontext()
+            with ctx:
+                tl_logits = model(ids, attention_mask=mask)
+            out[name] = (hf_logits - tl_logits).abs().max().item()
+    return out
+
+
+# =============================================================================== step time
+
+
+def bench_steps(cfg: dict[str, Any]) -> dict[str, Any]:
+    import caft_tl
+
+    print("[steps] loading the TransformerLens and HF models ...", flush=True)
+    model = caft_tl.load_model(device="cpu").train()
+    batch = make_batch(model.tokenizer)
+    interventions = make_interventions(model, batch)
+    optimizer = _optimizer(model)
+    steps = {name: ours_step_fn(model, batch, iv, optimizer) for name, iv in interventions.items()}
+    hf, hf_opt, hf_steps, q = hf_setup(batch, interventions)
+    steps.update(hf_steps)
+    equivalence = check_equivalence(model, hf, batch, interventions["zero"], q)
+    print(f"[steps] max |logit diff| TL vs HF: {equivalence}", flush=True)
+
+    names = list(steps)
+    print("[steps] warm-up: one step of each model (allocates the AdamW states) ...", flush=True)
+    warmup = {name: steps[name]()["wall"] for name in ("none", "hf_none")}
+    times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in KINDS} for n in names}
+    for r in range(cfg["rounds"]):
+        shift = r % len(names)  # rotate the order: nobody always runs first or last
+        for name in names[shift:] + names[:shift]:
+            for kind, value in steps[name]().items():
+                times[name][kind].append(value)
+        print(
+            f"[steps] round {r + 1}/{cfg['rounds']} (wall s): "
+            + ", ".join(f"{n} {times[n]['wall'][-1]:.2f}" for n in names),
+            flush=True,
+        )
+
+    def ratios(num: str, den: str, kind: str) -> list[float]:
+        return [a / b for a, b in zip(times[num][kind], times[den][kind], strict=True)]
+
+    def compare(num: str, den: str) -> dict[str, float]:
+        wall = ratios(num, den, "wall")
+        return {
+            "wall_median": statistics.median(wall),
+            "wall_min": min(wall),
+            "wall_max": max(wall),
+            "cpu_median": statistics.median(ratios(num, den, "cpu")),
+            "fwd_bwd_median": statistics.median(ratios(num, den, "fwd_bwd")),
+            # Ratio of the fastest steps: the least disturbed by other jobs.
+            "of_minima": min(times[num]["wall"]) / min(times[den]["wall"]),
+        }
+
+    variants = {}
+    for name in names:
+        ref = "hf_none" if name.startswith("hf_") else "none"
+        row: dict[str, Any] = {f"{k}_s": times[name][k] for k in KINDS}
+        row.update({f"{k}_s_median": statistics.median(times[name][k]) for k in KINDS})
+        row["wall_s_min"] = min(times[name]["wall"])
+        row["reference"] = ref
+        if name in warmup:
+            row["warmup_step_s"] = warmup[name]
+        if name != ref:
+            row["ratio_to_reference"] = compare(name, ref)
+        variants[name] = row
+    ours_vs_hf = {"zero": compare("zero", "hf_zero"), "none": compare("none", "hf_none")}
+    result = {
+        "batch_size": BATCH_SIZE,
+        "seq_len": SEQ_LEN,
+        "hooks": HOOKS,
+        "directions_per_hook": N_DIRECTIONS,
+        "rounds": cfg["rounds"],
+        "n_params_tl": sum(p.numel() for p in model.parameters()),
+        "n_params_hf": sum(p.numel() for p in hf.parameters()),
+        "logit_max_abs_diff_tl_vs_hf": equivalence,
+        "variants": variants,
+        "ratio_ours_over_hf_median": ours_vs_hf,
+    }
+    del model, hf, optimizer, hf_opt, steps, hf_steps, interventions, times
+    gc.collect()
+    return result
+
+
+# =============================================================================== memory
+
+
+def child_memory(variant: str) -> None:
+    """Peak RSS growth of the first and of a second step of one variant (fresh process)."""
+    _set_threads()
+    import caft_tl
+
+    model = caft_tl.load_model(device="cpu").train()
+    batch = make_batch(model.tokenizer)
+    interventions = make_interventions(model, batch)
+    if variant.startswith("hf_"):
+        hf, optimizer, hf_steps, _ = hf_setup(batch, interventions)
+        del model  # the HF child holds only the HF model
+        step = hf_steps[variant]
+        n_params = sum(p.numel() for p in hf.parameters())
+    else:
+        optimizer = _optimizer(model)
+        step = ours_step_fn(model, batch, interventions[variant], optimizer)
+        n_params = sum(p.numel() for p in model.parameters())
+    gc.collect()
+    _malloc_trim()
+    rss_before = _vm_kib("VmRSS")
+    reset_ok = _reset_peak_rss()
+    t1 = step()["wall"]
+    peak1 = _vm_kib("VmHWM")
+    rss_between = _vm_kib("VmRSS")
+    reset_ok = _reset_peak_rss() and reset_ok
+    t2 = step()["wall"]
+    peak2 = _vm_kib("VmHWM")
+    _emit(
+        {
+            "variant": variant,
+            "n_params": n_params,
+            "rss_before_mib": rss_before / 1024,
+            "first_step_peak_delta_mib": (peak1 - rss_before) / 1024,
+            "rss_after_first_step_mib": rss_between / 1024,
+            "second_step_peak_delta_mib": (peak2 - rss_between) / 1024,
+            "first_step_s": t1,
+            "second_step_s": t2,
+            "peak_reset_ok": reset_ok,
+        }
+    )
+
+
+def _run_child(args: list[str]) -> dict[str, Any]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise RuntimeError(f"child {args} failed with exit code {proc.returncode}")
+    return json.loads(lines[-1][len(RESULT_MARKER) :])
+
+
+def bench_memory(cfg: dict[str, Any]) -> dict[str, Any]:
+    runs = {}
+    for variant in cfg["memory_variants"]:
+        print(f"[memory] {variant} (fresh subprocess) ...", flush=True)
+        runs[variant] = _run_child(["--child", "memory", "--variant", variant])
+    return {"runs": runs}
+
+
+# =============================================================================== checkpoints
+
+
+def bench_checkpoint(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoint write time and time-to-first-step, fresh vs resumed, inside finetune."""
+    import caft_tl
+    import caft_tl.train as train
+    from caft_tl.data import DataWarning, tokenize
+
+    print("[checkpoint] fresh runs killed after step 1, then resumed ...", flush=True)
+    model = caft_tl.load_model(device="cpu")
+    paragraphs = make_texts(4 * 2 * BATCH_SIZE, 1)
+    texts = [" ".join(paragraphs[4 * i : 4 * i + 4]) for i in range(2 * BATCH_SIZE)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        data = tokenize(texts, model.tokenizer, max_length=SEQ_LEN)
+    run_cfg = caft_tl.TrainConfig(
+        max_steps=3, batch_size=BATCH_SIZE, lr=LR, save_every=1, progress=False
+    )
+    timings: dict[str, list[float]] = {"save": [], "load": []}
+    original_save, original_load = train._save_checkpoint, train._load_checkpoint
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timings[key].append(time.perf_counter() - start)
+
+        return wrapper
+
+    class Stop(Exception):
+        pass
+
+    reps = []
+    train._save_checkpoint = timed(original_save, "save")
+    train._load_checkpoint = timed(original_load, "load")
+    tmp = Path(tempfile.mkdtemp(prefix="caft-bench-ckpt-"))
+    try:
+        for rep in range(cfg["checkpoint_reps"]):
+            out = tmp / f"run{rep}"
+            got: dict[str, float] = {}
+
+            def stop_at(step, key, start, got=got):
+                def callback(record):
+                    if record["step"] == step:
+                        got[key] = time.perf_counter() - start
+                        got[key + "_save"] = timings["save"][-1]
+                        raise Stop
+
+                return callback
+
+            start = time.perf_counter()
+            with contextlib.suppress(Stop):
+                train.finetune(model, data, run_cfg, out=out, callback=stop_at(1, "fresh", start))
+            gc.collect()
+            start = time.perf_counter()
+            with contextlib.suppress(Stop):
+                train.finetune(
+                    model,
+                    data,
+                    run_cfg,
+                    out=out,
+                    resume=True,
+                    callback=stop_at(2, "resumed", start),
+                )
+            gc.collect()
+            ckpt = out / "checkpoint"
+            sizes = {p.name: p.stat().st_size / 2**20 for p in ckpt.iterdir() if p.is_file()}
+            reps.append(
+                {
+                    # The callback runs after the step's checkpoint: subtract its write time.
+                    "fresh_first_step_s": got["fresh"] - got["fresh_save"],
+                    "resumed_first_step_s": got["resumed"] - got["resumed_save"],
+                    "load_s": timings["load"][-1],
+                    "checkpoint_mib": sum(sizes.values()),
+                    "checkpoint_files_mib": sizes,
+                }
+            )
+            shutil.rmtree(out)
+    finally:
+        train._save_checkpoint, train._load_checkpoint = original_save, original_load
+        shutil.rmtree(tmp, ignore_errors=True)
+    fresh = statistics.median(r["fresh_first_step_s"] for r in reps)
+    resumed = statistics.median(r["resumed_first_step_s"] for r in reps)
+    del model
+    gc.collect()
+    return {
+        "reps": reps,
+        "save_s": timings["save"],
+        "save_s_median": statistics.median(timings["save"]),
+        "load_s_median": statistics.median(timings["load"]),
+        "checkpoint_mib": reps[0]["checkpoint_mib"],
+        "fresh_first_step_s_median": fresh,
+        "resumed_first_step_s_median": resumed,
+        "ratio_resumed_over_fresh": resumed / fresh,
+        "resume_overhead_s": resumed - fresh,
+    }
+
+
+# =============================================================================== report
+
+
+def markdown_table(res: dict[str, Any]) -> str:
+    rows = [("measurement", "value", "ratio / note"), ("---", "---:", "---")]
+    st = res.get("steps")
+    if st:
+        v = st["variants"]
+        shape = f"batch {st['batch_size']} x {st['seq_len']} tok"
+        for name in OURS:
+            row = v[name]
+            value = f"{row['wall_s_median']:.2f} s (CPU {row['cpu_s_median']:.2f} s)"
+            if name == "none":
+                note = f"reference ({shape}; fwd+bwd {row['fwd_bwd_s_median']:.2f} s)"
+            else:
+                r = row["ratio_to_reference"]
+                flag = "" if r["wall_median"] <= TARGET_RATIO else " (above 1.05x)"
+                note = (
+                    f"**{r['wall_median']:.3f}x** none{flag}; CPU {r['cpu_median']:.3f}x, "
+                    f"fwd+bwd {r['fwd_bwd_median']:.3f}x, fastest/fastest {r['of_minima']:.3f}x "
+                    f"(rounds {r['wall_min']:.2f}-{r['wall_max']:.2f})"
+                )
+            label = "no intervention" if name == "none" else f"`{name}`"
+            rows.append((f"step, {label}", value, note))
+        r = st["ratio_ours_over_hf_median"]
+        for name, label, what in (
+            ("hf_none", "HF step, no hooks", "ours-none / HF-none"),
+            (
+                "hf_zero",
+                "HF step, forward hooks `h - (h@Q)@Q.T` on layers 10/15/20",
+                "**our CAFT step / HF CAFT step**",
+            ),
+        ):
+            q = r[name.removeprefix("hf_")]
+            rows.append(
+                (
+                    label,
+                    f"{v[name]['wall_s_median']:.2f} s (CPU {v[name]['cpu_s_median']:.2f} s)",
+                    f"{what} = **{q['wall_median']:.2f}x**; CPU {q['cpu_median']:.2f}x, "
+                    f"fwd+bwd {q['fwd_bwd_median']:.2f}x, fastest/fastest {q['of_minima']:.2f}x",
+                )
+            )
+    mem = res.get("memory")
+    if mem:
+        for name, run in mem["runs"].items():
+            rows.append(
+                (
+                    f"peak RSS growth of a step, `{name}`",
+                    f"{run['first_step_peak_delta_mib']:.0f} / "
+                    f"{run['second_step_peak_delta_mib']:.0f} MiB",
+                    f"first step (allocates AdamW state) / second step; RSS before "
+                    f"{run['rss_before_mib']:.0f} MiB",
+                )
+            )
+    ck = res.get("checkpoint")
+    if ck:
+        rows += [
+            (
+                "checkpoint write (weights + AdamW + RNG, fsynced)",
+                f"{ck['save_s_median']:.1f} s",
+                f"{ck['checkpoint_mib']:.0f} MiB on disk; median of {len(ck['save_s'])}",
+            ),
+            (
+                "time to first step: fresh / resumed (call to step done)",
+                f"{ck['fresh_first_step_s_median']:.1f} / "
+                f"{ck['resumed_first_step_s_median']:.1f} s",
+                f"resumed/fresh = **{ck['ratio_resumed_over_fresh']:.2f}x**; reading the "
+                f"checkpoint {ck['load_s_median']:.1f} s",
+            ),
+        ]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and runs, ~4 min")
+    parser.add_argument(
+        "--only", choices=["steps", "memory", "checkpoint"], action="append", help="a subset"
+    )
+    parser.add_argument("--output", type=Path, help="JSON result path")
+    parser.add_argument("--child", choices=["memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child == "memory":
+        return child_memory(args.variant)
+
+    _set_threads()
+    mode = "quick" if args.quick else "full"
+    cfg = MODES[mode]
+    selected = args.only or ["steps", "checkpoint", "memory"]
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "mode": mode,
+        "config": cfg,
+        "machine": machine_info(),
+        "note": "shared, noisy machine: compare ratios within one run, not absolute times",
+    }
+    if "steps" in selected:
+        result["steps"] = bench_steps(cfg)
+    if "checkpoint" in selected:
+        result["checkpoint"] = bench_checkpoint(cfg)
+    if "memory" in selected:
+        result["memory"] = bench_memory(cfg)
+    result["total_wall_s"] = time.perf_counter() - started
+    result["machine"]["load_average_end"] = os.getloadavg()
+
+    output = args.output or RESULTS_DIR / ("train.json" if mode == "full" else "train_quick.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(result)
+    result["markdown_table"] = table
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    load = result["machine"]
+    print(f"\nfinished in {result['total_wall_s']:.0f} s; results in {output}")
+    print(
+        f"NOTE: shared, noisy machine (load average {load['load_average_start'][0]:.1f} at "
+        f"start, {load['load_average_end'][0]:.1f} at end on {load['cpu_count']} CPUs); "
+        "compare the ratios, which are measured step by step within this run.\n"
+    )
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
