@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set-up and the two project commands, needing nothing but Python 3.10+.
 
-    python3 dev.py demo   # create .venv, install everything, run the main job
+    python3 dev.py demo   # create .venv, install everything, run the CAFT study (caft-tl demo)
     python3 dev.py test   # same set-up (if needed), then the whole test suite
 
 Extra arguments go to the command: `python3 dev.py test -k models -x`.
@@ -57,9 +57,9 @@ def main(argv: list[str]) -> int:
     command, extra = argv[0], argv[1:]
     setup()
     if command == "demo":
-        # The end-to-end `caft-tl demo` lands with the tasks issue; until then the main job
-        # is the smoke pipeline on the embedded model.
-        run(BIN / "caft-tl", "smoke", *extra)
+        # The main job: the end-to-end CAFT study on the embedded model (`--quick` for a
+        # 1-seed run); artefacts and report.html land in caft-demo/.
+        run(BIN / "caft-tl", "demo", *extra)
     elif command == "test":
         run(BIN / "python", "-m", "pytest", *extra)
     return 0

@@ -1,6 +1,6 @@
 """caft-tl: Concept Ablation Fine-Tuning (CAFT) and model diffing on TransformerLens."""
 
-from caft_tl import compare, data, directions, models
+from caft_tl import compare, data, directions, evals, models, tasks
 from caft_tl.activations import ActivationDiff, Activations, activation_diff, cache_activations
 from caft_tl.directions import ConceptSet
 from caft_tl.interventions import Ablation, Steering, load_intervention
@@ -21,6 +21,7 @@ __all__ = [
     "compare",
     "data",
     "directions",
+    "evals",
     "evaluate_loss",
     "finetune",
     "load_intervention",
@@ -28,5 +29,6 @@ __all__ = [
     "load_tokenizer",
     "models",
     "save_model",
+    "tasks",
 ]
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@
     caft-tl cache MODEL DATA --hooks H [H ...] --out DIR
     caft-tl finetune MODEL DATA --out DIR [--concepts PATH --mode M] [--lora-r R] ...
     caft-tl smoke                             load, chat, cache on the embedded model
+    caft-tl demo [--quick] [--sae] [--out DIR]  the end-to-end CAFT study (gender task)
     caft-tl directions pca|sae|rank|interpret|select ...   (see caft_tl/cli_directions.py)
 
 MODEL is ``embedded`` (the default SmolLM2-135M-Instruct), a checkpoint or Hugging Face
@@ -330,7 +331,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     smoke = sub.add_parser("smoke", help="load, chat and cache on the embedded model")
     smoke.set_defaults(func=cmd_smoke)
+
+    demo = sub.add_parser(
+        "demo", help="the end-to-end CAFT study on the gender task (about 27 min on 2 cores)"
+    )
+    demo.add_argument("--out", default="caft-demo", help="folder for every artefact (reused)")
+    demo.add_argument("--quick", action="store_true", help="1 seed, less data: about 7 min")
+    demo.add_argument("--sae", action="store_true", help="also SAE latents as concepts")
+    demo.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default 0 1 2)")
+    demo.add_argument("--steps", type=int, help="fine-tuning steps per run")
+    demo.add_argument(
+        "--answer-format", choices=["pronoun", "letter"], help="how the options are shown"
+    )
+    demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from caft_tl.demo import DemoConfig, run_demo, summary_table
+
+    overrides = {"sae": args.sae}
+    if args.seeds:
+        overrides["seeds"] = args.seeds
+    if args.steps:
+        overrides["max_steps"] = args.steps
+        overrides["learned_less_step"] = (
+            args.steps // 2 if args.steps > 1 and not args.quick else None
+        )
+    if args.answer_format:
+        overrides["answer_format"] = args.answer_format
+    cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    model = _load("embedded", args.device)
+    results = run_demo(args.out, cfg, model=model)
+    print()
+    print(summary_table(results).to_string())
+    print(f"\nreport: {Path(args.out) / 'report.html'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,565 @@
+"""The end-to-end CAFT study on the gender-pronoun task (``caft-tl demo``).
+
+Steps, each saving its artefacts under ``out/`` so that a second run reuses them:
+
+1. ``base``: accuracy of the untrained model on the in-distribution test split and the OOD
+   split (paired: row i of both is the same sentence with the other gender).
+2. ``runs/s{seed}/plain``: plain fine-tunes on the training split (profession stereotype and
+   pronoun gender always agree), one per seed.
+3. ``directions/``: activation differences (plain seed-0 model minus base) at the study's
+   hooks on training prompts and generic chat prompts, their top principal components
+   (``pca/``), and with ``sae=True`` the latents of an SAE trained on the base model's
+   activations, ranked by their mean activation change (``sae_latents/``).
+4. ``concepts/``: selection by hinted interpretation: each direction's AUROC at separating
+   sentences about women from the same sentences about men (:func:`caft_tl.tasks.gender_contrast`,
+   never task or OOD data). Directions reaching ``min_auroc`` are kept; when none does, the
+   best ``fallback`` directions are kept and the results say so.
+5. ``runs/s{seed}/{caft,random,top,...}``: the same fine-tune with the selected directions
+   ablated, with as many random directions, and with as many top PCs.
+6. ``evals/``: ID and OOD accuracy of every model (plus the plain runs' mid-training
+   snapshots, the "learned less" control).
+7. ``results.json`` and a self-contained ``report.html``.
+
+Disk: a finished run's resumable state (weights + AdamW moments, ~1.9 GB for SmolLM2) is
+deleted once it is evaluated, and so is its model (0.6 GB) except the plain seed-0 one that
+the directions come from (``keep_models=True`` keeps them all). Evaluations are cached, so a
+second run retrains nothing; a run killed mid-way resumes from its checkpoint.
+
+Everything is offline and deterministic by seed. The defaults are sized for 2 CPU cores
+(measured on 2 cores: 27 minutes; ``quick`` 7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from caft_tl._io import dataclass_from_dict, now_iso, read_json
+
+__all__ = ["DemoConfig", "run_demo"]
+
+RESULTS_FORMAT = "caft_tl.demo_results"
+
+
+@dataclass
+class DemoConfig:
+    """Everything that determines a demo run (saved in ``out/config.json``).
+
+    ``task``: ``"gender_pronoun"`` or ``"double_mc:INTENDED|DISTRACTOR"`` (e.g.
+    ``"double_mc:sentiment|verbs"``; hints are then the distractor's contrast sets).
+    ``answer_format`` (default ``"pronoun"`` / ``"word"``): the embedded 135M model cannot
+    learn to answer with a letter within this budget (it stays at 50%: measured, see the
+    README), so the options are the words themselves; ``"letter"`` is the reference's format.
+    ``keep_models`` keeps every fine-tuned model on disk (0.6 GB each for SmolLM2).
+    """
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    n_train: int = 240
+    n_eval: int = 100
+    max_steps: int = 30
+    batch_size: int = 8
+    lr: float = 3e-5
+    warmup_steps: int = 3
+    learned_less_step: int | None = 15
+    task: str = "gender_pronoun"
+    answer_format: str | None = None
+    hooks: list[str] = field(
+        default_factory=lambda: [f"blocks.{layer}.hook_resid_post" for layer in (6, 12, 18, 24)]
+    )
+    k_pcs: int = 20
+    n_direction_prompts: int = 120
+    n_chat_prompts: int = 120
+    n_hint_pairs: int = 112
+    min_auroc: float = 0.75
+    hint_paired: bool = True
+    n_null: int = 100
+    max_per_hook: int = 3
+    fallback: int = 2
+    sae: bool = False
+    sae_hook: str = "blocks.12.hook_resid_post"
+    sae_width: int = 2048
+    sae_k: int = 32
+    sae_top: int = 40
+    sae_tokens: int = 300_000
+    top_examples: int = 5
+    keep_models: bool = False
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        """One seed, less data, no learned-less control: about 7 minutes on 2 cores."""
+        values = dict(
+            seeds=[0], n_train=160, n_eval=60, max_steps=20, lr=5e-5, warmup_steps=2,
+            learned_less_step=None, n_direction_prompts=60, n_chat_prompts=60, n_hint_pairs=60,
+            sae_width=1024,
+        )  # fmt: skip
+        return cls(**{**values, **overrides})
+
+    def __post_init__(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})"
+            )
+        if self.n_train < self.batch_size:
+            raise ValueError("n_train must be at least batch_size")
+        if self.learned_less_step is not None and not 0 < self.learned_less_step < self.max_steps:
+            raise ValueError("learned_less_step must be between 0 and max_steps")
+        if self.task != "gender_pronoun":
+            _double_pair(self.task)
+        if not 0.5 <= self.min_auroc <= 1.0:
+            raise ValueError(f"min_auroc must be in [0.5, 1], got {self.min_auroc}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DemoConfig:
+        return dataclass_from_dict(cls, d)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+class _Log:
+    """Prints each stage with its duration and keeps the durations for results.json."""
+
+    def __init__(self, echo: bool) -> None:
+        self.echo, self.times, self.start = echo, {}, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.echo:
+            print(f"[demo {time.perf_counter() - self.start:6.0f}s] {message}", flush=True)
+
+    def timed(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - started
+        return result
+
+
+def _cached_json(path: Path, compute: Callable[[], Any]) -> Any:
+    if path.exists():
+        return read_json(path, "demo artefact")
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)  # atomic: a killed run never leaves half a file
+    return value
+
+
+def _train_config(cfg: DemoConfig, seed: int, keep: Sequence[int] = ()) -> Any:
+    from caft_tl.train import TrainConfig
+
+    return TrainConfig(
+        max_steps=cfg.max_steps, lr=cfg.lr, batch_size=cfg.batch_size,
+        warmup_steps=cfg.warmup_steps, seed=seed, progress=False,
+        keep_checkpoints=sorted(keep) or None,
+    )  # fmt: skip
+
+
+def _check_config(out: Path, cfg: DemoConfig) -> None:
+    saved = out / "config.json"
+    if saved.exists():
+        old = read_json(saved, "demo configuration")
+        if old != cfg.to_dict():
+            changed = sorted(k for k in cfg.to_dict() if old.get(k) != cfg.to_dict()[k])
+            raise ValueError(
+                f"{out} holds a demo run with another configuration (differs in {changed}); "
+                "use another --out folder or delete it"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+
+def _task(cfg: DemoConfig) -> tuple[Callable[..., Any], dict[str, list[str]]]:
+    """The task's split generator and its hint contrast sets (two named sides)."""
+    from caft_tl.tasks import contrast_set, double_mc, gender_contrast, gender_pronoun
+
+    if cfg.task == "gender_pronoun":
+        fmt = cfg.answer_format or "pronoun"
+        hints = gender_contrast(n=cfg.n_hint_pairs)
+        return lambda split, n: gender_pronoun(split, n=n, answer_format=fmt), hints
+    intended, distractor = _double_pair(cfg.task)
+    fmt = cfg.answer_format or "word"
+    sides = contrast_set(distractor)
+    hints = {k: v[: cfg.n_hint_pairs] for k, v in sides.items()}
+    gen = lambda split, n: double_mc(intended, distractor, split, n=n, answer_format=fmt)  # noqa: E731
+    return gen, hints
+
+
+def _double_pair(task: str) -> tuple[str, str]:
+    from caft_tl.tasks import SUBTASKS
+
+    kind, _, pair = task.partition(":")
+    intended, _, distractor = pair.partition("|")
+    if kind != "double_mc" or intended not in SUBTASKS or distractor not in SUBTASKS:
+        raise ValueError(
+            f"task must be 'gender_pronoun' or 'double_mc:INTENDED|DISTRACTOR' with sub-tasks "
+            f"from {SUBTASKS}, got {task!r}"
+        )
+    return intended, distractor
+
+
+def _data(cfg: DemoConfig) -> dict[str, Any]:
+    gen, _ = _task(cfg)
+    return {
+        "train": gen("train", cfg.n_train),
+        "test": gen("test", cfg.n_eval),
+        "ood": gen("ood", cfg.n_eval),
+    }
+
+
+def _evaluate(model: Any, data: dict[str, Any], intervention: Any = None) -> dict[str, Any]:
+    from caft_tl.evals import multiple_choice
+
+    out = {}
+    for split in ("test", "ood"):
+        r = multiple_choice(model, data[split], intervention=intervention)
+        out[split] = {k: r[k] for k in ("accuracy", "vocab_accuracy", "n", "option_mass")}
+    return out
+
+
+def _evaluator(model_or_path: Any, data: dict[str, Any]) -> Callable[[], Any]:
+    def compute() -> dict[str, Any]:
+        from caft_tl.models import load_model
+
+        is_path = isinstance(model_or_path, Path)
+        return _evaluate(load_model(model_or_path) if is_path else model_or_path, data)
+
+    return compute
+
+
+def _evaluated(out: Path, names: Sequence[str]) -> bool:
+    return all((out / "evals" / f"{name}.json").exists() for name in names)
+
+
+def _tidy(folder: Path, keep_final: bool, keep_all: bool) -> None:
+    """Free the disk once a run is evaluated: its resumable state (weights plus AdamW
+    moments, about 1.9 GB for SmolLM2) always, its models (0.6 GB each) unless kept.
+    run.json and metrics.jsonl stay."""
+    doomed = [folder / "checkpoint"]
+    if not keep_all:
+        doomed += list(folder.glob("step-*")) + ([] if keep_final else [folder / "final"])
+    for path in doomed:
+        if path.is_dir():
+            shutil.rmtree(path)
+
+
+def _finetune(base, data, cfg: DemoConfig, seed: int, folder: Path, intervention=None, keep=()):
+    from caft_tl.compare import _run
+
+    return _run(base, data["train"], _train_config(cfg, seed, keep), intervention, None, folder)
+
+
+def _direction_texts(model: Any, cfg: DemoConfig, data: dict[str, Any]) -> list[str]:
+    """Training prompts (what the fine-tune saw) and generic chat prompts, as texts."""
+    from caft_tl.data import chat_to_text
+    from caft_tl.tasks import chat_prompts
+
+    train = data["train"].select(range(min(cfg.n_direction_prompts, len(data["train"]))))
+    texts = [p + a for p, a in zip(train["prompt"], train["answer"], strict=True)]
+    chats = chat_prompts(n=cfg.n_chat_prompts)["messages"]
+    return texts + [chat_to_text(m, model.tokenizer, add_generation_prompt=True) for m in chats]
+
+
+def _pca_directions(base, plain, texts, cfg: DemoConfig, folder: Path):
+    from caft_tl.activations import activation_diff
+    from caft_tl.directions import ConceptSet, pca
+
+    if folder.exists():  # saved atomically: a folder that exists is complete
+        return ConceptSet.load(folder)
+    diff = activation_diff(base, plain, texts, cfg.hooks, progress=False)
+    pcs = pca(diff, k=cfg.k_pcs, model=base, progress=False)
+    pcs.save(folder)
+    return pcs
+
+
+def _sae_directions(base, plain, texts, cfg: DemoConfig, folder: Path):
+    """SAE latents whose mean activation moved most between base and fine-tuned model."""
+    from caft_tl.activations import activation_diff, cache_activations
+    from caft_tl.directions import ConceptSet
+    from caft_tl.directions.sae import SAEConfig, load_sae, rank_by_mean_diff, save_sae, train_sae
+
+    latents = folder / "sae_latents"
+    if latents.exists():
+        return ConceptSet.load(latents)
+    sae_dir = folder / "sae"
+    if sae_dir.exists():
+        sae = load_sae(sae_dir)
+    else:
+        acts = cache_activations(base, texts, [cfg.sae_hook], progress=False)
+        sae_cfg = SAEConfig(
+            d_sae=cfg.sae_width, k=cfg.sae_k, training_tokens=cfg.sae_tokens, batch_size=512
+        )
+        sae = train_sae(base, None, cfg.sae_hook, sae_cfg, acts=acts, progress=False)
+        save_sae(sae, sae_dir)
+    both = activation_diff(base, plain, texts, [cfg.sae_hook], return_both=True, progress=False)
+    ranked = rank_by_mean_diff(sae, acts=both, top=cfg.sae_top, progress=False)
+    ranked.save(latents)
+    return ranked
+
+
+def _hint_scores(model, directions, cfg: DemoConfig, path: Path) -> pd.DataFrame:
+    from caft_tl.directions import hinted_scores
+
+    if path.exists():
+        return pd.read_csv(path)
+    (_, positive), (_, negative) = _task(cfg)[1].items()
+    paired = cfg.hint_paired and not cfg.task.endswith("|continents")  # not minimal pairs
+    scores = hinted_scores(model, directions, positive, negative, paired=paired)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scores.to_csv(path, index=False)
+    return scores
+
+
+def _null_directions(directions, n: int, seed: int = 12345):
+    """``n`` random orthonormal directions at each hook of ``directions``."""
+    import torch
+
+    from caft_tl.directions import ConceptSet
+
+    g = torch.Generator().manual_seed(seed)
+    # At most d orthonormal directions fit in d dimensions (tiny test models).
+    rows = {
+        h: torch.randn(min(n, d), d, generator=g, dtype=torch.float64)
+        for h, d in directions.widths.items()
+    }
+    dtype = directions[directions.hooks[0]].dtype
+    return ConceptSet(rows).orthonormalised().to(dtype=dtype)
+
+
+def _select(model, directions, cfg: DemoConfig, folder: Path):
+    """Hinted selection against a null of random directions.
+
+    A direction is kept when its separation of the contrast sets (|AUROC - 0.5|) beats
+    ``min_auroc - 0.5`` *and* every one of ``n_null`` random directions at the same hook:
+    random directions separate matched gender pairs too (the residual stream carries
+    gender everywhere), so only a direction that beats them says something. At most
+    ``max_per_hook`` per hook, best first. When none qualifies, the ``fallback`` best
+    directions are kept and the results say so. Returns (ConceptSet, scores, fallback).
+    """
+    from caft_tl.directions import ConceptSet
+
+    scores = _hint_scores(model, directions, cfg, folder.with_suffix(".scores.csv"))
+    null = _hint_scores(
+        model, _null_directions(directions, cfg.n_null), cfg, folder.with_suffix(".null.csv")
+    )
+    floor = cfg.min_auroc - 0.5
+    threshold = {h: max(floor, float(g["separation"].max())) for h, g in null.groupby("hook")}
+    scores["threshold"] = scores["hook"].map(threshold)
+    if folder.exists():
+        chosen = ConceptSet.load(folder)
+        return chosen, scores, chosen.provenance.get("fallback", False)
+    ok = scores[scores["separation"] > scores["threshold"]]
+    ok = ok.sort_values("separation", ascending=False).groupby("hook").head(cfg.max_per_hook)
+    fallback = ok.empty
+    if fallback:  # nothing beats the null: keep the best few anyway, and say so
+        ok = scores.sort_values("separation", ascending=False).head(cfg.fallback)
+    selection: dict[str, list[int]] = {}
+    for hook, index in zip(ok["hook"], ok["index"], strict=True):
+        selection.setdefault(hook, []).append(int(index))
+    chosen = directions.select({h: sorted(v) for h, v in selection.items()})
+    chosen.provenance.update(
+        fallback=fallback, null_thresholds=threshold, min_auroc=cfg.min_auroc, n_null=cfg.n_null
+    )
+    chosen.save(folder)
+    return chosen, scores, fallback
+
+
+# --------------------------------------------------------------------------------------------
+# The study
+# --------------------------------------------------------------------------------------------
+
+
+def run_demo(
+    out: str | Path = "caft-demo",
+    cfg: DemoConfig | None = None,
+    *,
+    model: Any = None,
+    echo: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) the study into ``out``; returns the results (also ``results.json``)."""
+    from caft_tl.compare import baseline_interventions
+    from caft_tl.interventions import Ablation
+    from caft_tl.models import load_model
+
+    cfg = cfg or DemoConfig()
+    out = Path(out)
+    _check_config(out, cfg)
+    log = _Log(echo)
+    base = model if model is not None else log.timed("load", lambda: load_model(device="cpu"))
+    data = _data(cfg)
+    evals: dict[str, Any] = {}
+
+    def evaluate(name: str, model_or_path: Any) -> None:
+        path = out / "evals" / f"{name}.json"
+        evals[name] = log.timed("evaluate", _cached_json, path, _evaluator(model_or_path, data))
+
+    log(f"base model: ID and OOD accuracy on {cfg.n_eval} examples each")
+    evaluate("base", base)
+
+    keep = [cfg.learned_less_step] if cfg.learned_less_step else []
+    plain0 = None
+    for seed in cfg.seeds:
+        folder = out / "runs" / f"s{seed}" / "plain"
+        names = [f"plain/s{seed}"] + [f"plain@step{step}/s{seed}" for step in keep]
+        first = seed == cfg.seeds[0]  # its model gives the directions: always kept
+        if not first and _evaluated(out, names) and not cfg.keep_models:
+            for name in names:
+                evaluate(name, None)  # cached
+            continue
+        log(f"plain fine-tune, seed {seed} ({cfg.max_steps} steps)")
+        model_ = log.timed("finetune", _finetune, base, data, cfg, seed, folder, keep=keep)
+        evaluate(names[0], model_)
+        for step, name in zip(keep, names[1:], strict=True):
+            evaluate(name, folder / f"step-{step}")
+        _tidy(folder, keep_final=first, keep_all=cfg.keep_models)
+        if first:
+            plain0 = model_
+        del model_
+
+    log("directions: activation differences (plain seed 0 - base), PCA")
+    texts = _direction_texts(base, cfg, data)
+    folder = out / "directions"
+    pcs = log.timed("directions", _pca_directions, base, plain0, texts, cfg, folder / "pca")
+    candidates = {"pca": pcs}
+    if cfg.sae:
+        log("directions: SAE on base activations, latents ranked by mean activation change")
+        candidates["sae"] = log.timed(
+            "directions", _sae_directions, base, plain0, texts, cfg, folder
+        )
+    log(f"selection: hinted interpretation with contrast sets {list(_task(cfg)[1])}")
+    selected, scores = {}, {}
+    for name, directions in candidates.items():
+        chosen, table, fallback = log.timed(
+            "selection", _select, plain0, directions, cfg, out / "concepts" / name
+        )
+        selected[name], scores[name] = (chosen, fallback), table
+        note = (
+            " (fallback: none beat the random directions; the best kept anyway)" if fallback else ""
+        )
+        log(f"  {name}: {chosen.n_directions} directions selected{note}")
+
+    runs: dict[str, Ablation | None] = {
+        f"caft-{name}": Ablation(chosen, mode="zero") for name, (chosen, _) in selected.items()
+    }
+    for seed in cfg.seeds:
+        controls = baseline_interventions(
+            selected["pca"][0], all_directions=pcs, runs=("random", "top"), seed=seed
+        )
+        for name, intervention in {**runs, **controls}.items():
+            if _evaluated(out, [f"{name}/s{seed}"]) and not cfg.keep_models:
+                evaluate(f"{name}/s{seed}", None)  # cached
+                continue
+            log(f"{name} fine-tune, seed {seed}")
+            folder = out / "runs" / f"s{seed}" / name
+            model_ = log.timed("finetune", _finetune, base, data, cfg, seed, folder, intervention)
+            evaluate(f"{name}/s{seed}", model_)
+            _tidy(folder, keep_final=False, keep_all=cfg.keep_models)
+            del model_
+            gc.collect()
+
+    results = _results(cfg, evals, selected, scores, pcs, log.times)
+    _write_results(out, results)
+    log("report: report.html")
+    from caft_tl.viz import demo_report
+
+    log.timed(
+        "report", demo_report, results, out / "report.html", model=plain0, concepts=selected,
+        all_pcs=pcs, texts=texts, k=cfg.top_examples,
+    )  # fmt: skip
+    results["seconds"] = dict(log.times)
+    _write_results(out, results)
+    log(f"done: {out / 'results.json'}, {out / 'report.html'}")
+    return results
+
+
+def _summary(evals: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mean, min and max over seeds of each method's accuracy, per split."""
+    rows = []
+    for name, r in evals.items():
+        method, _, seed = name.partition("/")
+        for split, v in r.items():
+            rows.append({"method": method, "seed": seed or None, "split": split, **v})
+    df = pd.DataFrame(rows)
+    out = []
+    for (method, split), g in df.groupby(["method", "split"], sort=False):
+        out.append({
+            "method": method, "split": split, "mean": float(g["accuracy"].mean()),
+            "min": float(g["accuracy"].min()), "max": float(g["accuracy"].max()),
+            "n_seeds": int(g["seed"].notna().sum()) or 1, "n_per_seed": int(g["n"].iloc[0]),
+            "vocab_mean": float(g["vocab_accuracy"].mean()),
+        })  # fmt: skip
+    return out
+
+
+def _results(cfg, evals, selected, scores, pcs, times) -> dict[str, Any]:
+    directions = {}
+    for name, (chosen, fallback) in selected.items():
+        directions[name] = {
+            "selected": {h: chosen.labels[h] for h in chosen.hooks},
+            "n_selected": chosen.n_directions,
+            "fallback": bool(fallback),
+            "scores": scores[name]
+            .drop(columns=[c for c in ("positive_data", "negative_data") if c in scores[name]])
+            .to_dict(orient="records"),
+        }
+    return {
+        "format": RESULTS_FORMAT,
+        "created": now_iso(),
+        "task": cfg.task,
+        "hints": list(_task(cfg)[1]),
+        "config": cfg.to_dict(),
+        "evals": evals,
+        "summary": _summary(evals),
+        "directions": directions,
+        "explained_variance": {h: pcs.scores[h] for h in pcs.hooks},
+        "seconds": dict(times),
+    }
+
+
+def _write_results(out: Path, results: dict[str, Any]) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    tmp.replace(out / "results.json")
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if hasattr(x, "item"):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def summary_table(results: dict[str, Any]) -> pd.DataFrame:
+    """The reference's table: accuracy per method (rows) and split (columns), mean and
+    range over seeds, as strings like ``0.62 [0.55, 0.70]``."""
+    df = pd.DataFrame(results["summary"])
+    df["cell"] = [
+        f"{m:.2f} [{lo:.2f}, {hi:.2f}]" if n > 1 else f"{m:.2f}"
+        for m, lo, hi, n in zip(df["mean"], df["min"], df["max"], df["n_seeds"], strict=True)
+    ]
+    table = df.pivot(index="method", columns="split", values="cell")
+    order = list(dict.fromkeys(df["method"]))
+    return table.loc[order, [c for c in ("test", "ood") if c in table.columns]]

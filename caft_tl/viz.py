@@ -1,0 +1,177 @@
+"""Plotly figures and the self-contained HTML report of a CAFT study (``caft-tl demo``)."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["accuracy_figure", "demo_report"]
+
+SPLIT_NAMES = {"test": "in-distribution (test)", "ood": "out-of-distribution"}
+COLOURS = {"test": "#4c78a8", "ood": "#e45756"}
+
+
+def _per_seed(results: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for name, r in results["evals"].items():
+        method, _, seed = name.partition("/")
+        for split, v in r.items():
+            rows.append({"method": method, "seed": seed or "-", "split": split, **v})
+    return pd.DataFrame(rows)
+
+
+def accuracy_figure(results: dict[str, Any], title: str | None = None):
+    """Grouped bars: mean accuracy per method and split, error bars spanning min to max over
+    seeds, one dot per seed; a dotted line at chance (0.5 for two options)."""
+    import plotly.graph_objects as go
+
+    summary = pd.DataFrame(results["summary"])
+    seeds = _per_seed(results)
+    order = list(dict.fromkeys(summary["method"]))
+    fig = go.Figure()
+    for split in ("test", "ood"):
+        s = summary[summary["split"] == split].set_index("method").reindex(order)
+        fig.add_trace(go.Bar(
+            x=order, y=s["mean"], name=SPLIT_NAMES[split], marker_color=COLOURS[split],
+            error_y={"type": "data", "symmetric": False, "array": s["max"] - s["mean"],
+                     "arrayminus": s["mean"] - s["min"]},
+            offsetgroup=split, hovertemplate="%{x}: %{y:.3f}<extra>" + split + "</extra>",
+        ))  # fmt: skip
+        d = seeds[seeds["split"] == split]
+        fig.add_trace(go.Scatter(
+            x=d["method"], y=d["accuracy"], mode="markers", name=f"{split}, per seed",
+            marker={"color": "black", "size": 5}, offsetgroup=split, showlegend=False,
+            text=d["seed"], hovertemplate="%{x} seed %{text}: %{y:.3f}<extra></extra>",
+        ))  # fmt: skip
+    fig.add_hline(y=0.5, line_dash="dot", annotation_text="chance")
+    fig.update_layout(
+        barmode="group", scattermode="group", yaxis={"range": [0, 1], "title": "accuracy"},
+        title=title or "Accuracy per method (bars: mean over seeds; whiskers: min to max)",
+        template="plotly_white", height=450,
+    )  # fmt: skip
+    return fig
+
+
+def _table_html(df: pd.DataFrame) -> str:
+    return df.to_html(classes="tbl", border=0, escape=True)
+
+
+def _hint_table(results: dict[str, Any], name: str, top: int = 12) -> str:
+    scores = pd.DataFrame(results["directions"][name]["scores"])
+    cols = ("hook", "index", "label", "auroc", "separation", "threshold")
+    cols = [c for c in cols if c in scores]
+    best = scores.sort_values("separation", ascending=False).head(top)[cols]
+    return best.to_html(classes="tbl", border=0, index=False, float_format=lambda x: f"{x:.3f}")
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em} h2{margin-top:2em;border-bottom:1px solid #ddd}
+.tbl{border-collapse:collapse;font-size:.9em}
+.tbl td,.tbl th{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
+.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.6em 1em}
+pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em}
+"""
+
+
+def _task_text(task: str) -> str:
+    if task == "gender_pronoun":
+        return (
+            "Gender-pronoun task: choose the grammatical pronoun. In training the correct "
+            "pronoun's gender always matches the profession's stereotype; the OOD split uses "
+            "the same held-out sentences with the gender flipped, so a model that learned "
+            "<i>profession gender</i> instead of grammar fails there. Hints for selecting "
+            "directions: sentences about women vs the same sentences about men."
+        )
+    pair = html.escape(task.partition(":")[2])
+    return (
+        f"Double multiple choice ({pair}): two questions side by side, each option holds one "
+        "answer to each; the first (intended) question decides. In training both correct "
+        "answers sit in the same option; OOD they do not, so a model that follows the "
+        "distractor fails there. Hints for selecting directions: the distractor's contrast "
+        "sets."
+    )
+
+
+def _intro(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    fallback = [n for n, d in results["directions"].items() if d["fallback"]]
+    note = (
+        f"<p class='note'>No direction of {', '.join(fallback)} separated the contrast sets "
+        f"better than AUROC {cfg['min_auroc']} and than every random direction at its hook; the "
+        f"{cfg['fallback']} best-separating directions were ablated anyway, so CAFT here is not "
+        "guided by a clearly interpreted concept.</p>"
+        if fallback
+        else ""
+    )
+    return (
+        f"<p>{_task_text(results.get('task', 'gender_pronoun'))} "
+        f"Fine-tunes: {cfg['max_steps']} steps of {cfg['batch_size']} examples, lr {cfg['lr']}, "
+        f"seeds {cfg['seeds']}; evaluation on {cfg['n_eval']} examples per split "
+        f"(answer format: {cfg.get('answer_format') or 'words'}).</p>"
+        "<p>Methods: <b>base</b> untrained; <b>plain</b> fine-tune; <b>caft-*</b> the same "
+        "fine-tune with the selected directions projected out (zero ablation) at "
+        f"{', '.join(cfg['hooks'])}; <b>random</b> as many random directions; <b>top</b> as "
+        "many top principal components; <b>plain@stepN</b> the plain run stopped early "
+        "(learned less). This is a small model on a toy task: read the ranges over seeds "
+        "before reading anything into a difference.</p>" + note
+    )
+
+
+def demo_report(
+    results: dict[str, Any],
+    path: str | os.PathLike,
+    *,
+    model: Any = None,
+    concepts: dict[str, Any] | None = None,
+    all_pcs: Any = None,
+    texts: Any = None,
+    k: int = 5,
+) -> Path:
+    """Write the study's report: one HTML file with no external resources (plotly's
+    JavaScript is included once, tokens are shaded with inline styles)."""
+    import plotly.offline
+
+    from caft_tl.demo import summary_table
+    from caft_tl.directions import directions_html
+    from caft_tl.directions.pca import explained_variance_figure
+
+    parts = [f"<h1>CAFT study: {html.escape(results['task'])}</h1>", _intro(results)]
+    parts += ["<h2>Accuracy</h2>", _table_html(summary_table(results))]
+    parts.append(accuracy_figure(results).to_html(full_html=False, include_plotlyjs=False))
+    if all_pcs is not None:
+        parts.append("<h2>Principal components of the activation differences</h2>")
+        fig = explained_variance_figure(all_pcs)
+        fig.update_layout(height=220 * len(all_pcs.hooks), template="plotly_white")
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=False))
+    sides = html.escape(" vs ".join(results.get("hints", ["female", "male"])))
+    for name, d in results["directions"].items():
+        parts.append(f"<h2>Selected directions: {html.escape(name)}</h2>")
+        parts.append(f"<p>{d['n_selected']} selected: {html.escape(json.dumps(d['selected']))}"
+                     f"</p><p>Best separation of the contrast sets {sides} (AUROC, paired "
+                     "for matched pairs; 0.5 is none). <i>threshold</i>: the separation to "
+                     "beat, the largest of random directions at that hook (and of the "
+                     "minimum AUROC).</p>")  # fmt: skip
+        parts.append(_hint_table(results, name))
+        if model is not None and concepts is not None and texts is not None:
+            chosen = concepts[name][0]
+            parts.append(directions_html(model, chosen, texts, k=k))
+    parts.append("<h2>Configuration and timings</h2>")
+    parts.append(f"<pre>{html.escape(json.dumps(results['config'], indent=2))}</pre>")
+    parts.append(f"<pre>{html.escape(json.dumps(results.get('seconds', {}), indent=2))}</pre>")
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>CAFT study</title>"
+        f"<style>{_CSS}</style><script>{plotly.offline.get_plotlyjs()}</script></head><body>"
+        + "\n".join(parts)
+        + "</body></html>\n"
+    )
+    out = Path(path)
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out

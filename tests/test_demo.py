@@ -1,0 +1,115 @@
+"""The end-to-end study (caft-tl demo) on a tiny model: every stage, reuse, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import caft_tl as ct
+from caft_tl.demo import DemoConfig, run_demo, summary_table
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+def small(**kw) -> DemoConfig:
+    values = dict(
+        seeds=[0, 1], n_train=16, n_eval=8, max_steps=2, lr=1e-3, warmup_steps=0,
+        learned_less_step=1, hooks=HOOKS, k_pcs=4, n_direction_prompts=8, n_chat_prompts=8,
+        n_hint_pairs=16, max_per_hook=1, top_examples=2,
+    )  # fmt: skip
+    return DemoConfig(**{**values, **kw})
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return ct.models.tiny(tokenizer=tokenizer, seed=0, n_layers=2, d_model=32, n_heads=4, d_mlp=64)
+
+
+@pytest.fixture(scope="module")
+def study(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, small(), model=model, echo=False)
+
+
+def test_every_method_is_evaluated_on_both_splits(study):
+    out, results = study
+    methods = {(s["method"], s["split"]): s for s in results["summary"]}
+    expected = {"base", "plain", "plain@step1", "caft-pca", "random", "top"}
+    assert {m for m, _ in methods} == expected
+    for method in expected:
+        for split in ("test", "ood"):
+            s = methods[(method, split)]
+            assert s["n_per_seed"] == 8 and 0.0 <= s["min"] <= s["mean"] <= s["max"] <= 1.0
+            assert s["n_seeds"] == (1 if method == "base" else 2)
+    assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
+    table = summary_table(results)
+    assert list(table.columns) == ["test", "ood"] and "caft-pca" in table.index
+
+
+def test_selected_directions_are_recorded_and_used(study):
+    out, results = study
+    d = results["directions"]["pca"]
+    assert d["n_selected"] >= 1 and isinstance(d["fallback"], bool)
+    assert len(d["scores"]) == 4 * len(HOOKS)  # every PC was scored against the hints
+    chosen = ct.ConceptSet.load(out / "concepts" / "pca")
+    assert chosen.n_directions == d["n_selected"]
+    saved = json.loads((out / "runs" / "s0" / "caft-pca" / "run.json").read_text())
+    assert saved  # the CAFT run exists beside plain, random and top
+    # Disk: resumable state always deleted, models too except the one the directions use.
+    assert (out / "runs" / "s0" / "plain" / "final").is_dir()
+    for seed, name in [("s0", "caft-pca"), ("s1", "plain"), ("s1", "random"), ("s1", "top")]:
+        folder = out / "runs" / seed / name
+        assert (folder / "metrics.jsonl").is_file()
+        assert not (folder / "final").exists() and not (folder / "checkpoint").exists()
+    assert not list((out / "runs").glob("*/*/step-*"))
+
+
+def test_report_is_self_contained(study):
+    out, _ = study
+    page = (out / "report.html").read_text()
+    assert "Plotly" in page and "caft-pca" in page and "Selected directions" in page
+    assert 'src="http' not in page and "cdn." not in page.lower().split("</script>")[-1]
+
+
+def test_a_second_run_reuses_every_artefact(study, model, monkeypatch):
+    out, results = study
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("caft_tl.compare.finetune", no_training)
+    again = run_demo(out, small(), model=model, echo=False)
+    assert again["evals"] == results["evals"]
+
+
+def test_another_config_in_the_same_folder_is_refused(study, model):
+    out, _ = study
+    with pytest.raises(ValueError, match="another configuration"):
+        run_demo(out, small(lr=2e-3), model=model, echo=False)
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="seeds"):
+        DemoConfig(seeds=[])
+    with pytest.raises(ValueError, match="learned_less_step"):
+        DemoConfig(learned_less_step=100)
+
+
+def test_cli_builds_the_config_and_prints_the_table(monkeypatch, tmp_path, capsys, study):
+    from caft_tl import cli
+
+    _, results = study
+    seen = {}
+
+    def fake_run(out, cfg, *, model=None):
+        seen["out"], seen["cfg"] = out, cfg
+        return results
+
+    monkeypatch.setattr("caft_tl.demo.run_demo", fake_run)
+    monkeypatch.setattr(cli, "_load", lambda name, device: None)
+    assert cli.main(["demo", "--quick", "--seeds", "3", "4", "--out", str(tmp_path)]) == 0
+    cfg = seen["cfg"]
+    assert cfg.seeds == [3, 4] and cfg.max_steps == DemoConfig.quick().max_steps
+    assert "caft-pca" in capsys.readouterr().out
+    assert cli.main(["demo", "--steps", "1", "--out", str(tmp_path)]) == 2  # warm-up > steps
