@@ -43,9 +43,10 @@ def main() -> None:
         row = {"subtask": sub, "n_test": len(test), "base": before, "finetuned": after}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"format": args.format, "steps": args.steps, "rows": rows}
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+        # Written after every sub-task: a run stopped half-way keeps what it measured.
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result = {"format": args.format, "steps": args.steps, "rows": rows}
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
