@@ -57,7 +57,8 @@ ood = ct.tasks.gender_pronoun("ood", n=40)
 print(test[0]["prompt"], test[0]["answer"], sep="")
 print()
 print(ood[0]["prompt"], ood[0]["answer"], sep="")
-pd.DataFrame(test.select(range(6)))[["profession", "stereotype", "pronoun", "distractor", "case", "answer"]]""",
+columns = ["profession", "stereotype", "pronoun", "distractor", "case", "answer"]
+pd.DataFrame(test.select(range(6)))[columns]""",
     ),
     (
         "md",
@@ -75,7 +76,8 @@ print(test_words[0]["prompt"], test_words[0]["answer"], sep="")
 rows = []
 for fmt, data in [("letter", test), ("pronoun", test_words)]:
     r = ct.evals.multiple_choice(model, data)
-    rows.append({"format": fmt, **{k: r[k] for k in ("accuracy", "vocab_accuracy", "option_mass", "n")}})
+    keys = ("accuracy", "vocab_accuracy", "option_mass", "n")
+    rows.append({"format": fmt, **{k: r[k] for k in keys}})
 pd.DataFrame(rows).set_index("format").round(3)""",
     ),
     (
@@ -106,7 +108,7 @@ every ordered pair of them. The intended question comes first.""",
 print(ct.tasks.SUBTASKS)
 for split in ("train", "ood"):
     row = ct.tasks.double_mc("sentiment", "verbs", split, n=4, answer_format="word")[0]
-    print(f"--- {split}: answer {row['answer']!r}, following the distractor gives {row['distractor_answer']!r}")
+    print(f"--- {split}: answer {row['answer']!r}, distractor's pick {row['distractor_answer']!r}")
     print(row["prompt"])
 pairs = ct.tasks.double_mc_pairs()
 print(len(pairs), "ordered pairs, e.g.", pairs[:3])""",
@@ -128,10 +130,10 @@ pd.DataFrame(rows).set_index("sub-task").round(3)""",
 
 `run_demo` is what `caft-tl demo` runs: base accuracy, plain fine-tunes, PCA of activation
 differences, selection of the directions that separate sentences about women from the same
-sentences about men better than random directions do (never task or OOD data), CAFT fine-tunes with the selected
-directions ablated, the random-direction and top-PC controls, and a report. Here: one seed,
-10 steps, 40 evaluation examples per split. Every artefact lands in `out/`, and running the
-cell again reuses them.""",
+sentences about men better than random directions do (never task or OOD data), CAFT
+fine-tunes with the selected directions ablated, the random-direction and top-PC controls,
+and a report. Here: one seed, 10 steps, 40 evaluation examples per split. Every artefact
+lands in `out/`, and running the cell again reuses them.""",
     ),
     (
         "code",
