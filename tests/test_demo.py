@@ -113,3 +113,20 @@ def test_cli_builds_the_config_and_prints_the_table(monkeypatch, tmp_path, capsy
     assert cfg.seeds == [3, 4] and cfg.max_steps == DemoConfig.quick().max_steps
     assert "caft-pca" in capsys.readouterr().out
     assert cli.main(["demo", "--steps", "1", "--out", str(tmp_path)]) == 2  # warm-up > steps
+
+
+def test_double_multiple_choice_runs_through_the_same_study(model, tmp_path):
+    cfg = small(task="double_mc:sentiment|verbs", seeds=[0], learned_less_step=None)
+    results = run_demo(tmp_path, cfg, model=model, echo=False)
+    assert results["task"] == "double_mc:sentiment|verbs"
+    assert results["hints"] == list(ct.tasks.contrast_set("verbs"))  # the distractor's concept
+    assert {s["method"] for s in results["summary"]} == {
+        "base",
+        "plain",
+        "caft-pca",
+        "random",
+        "top",
+    }
+    assert "Double multiple choice" in (tmp_path / "report.html").read_text()
+    with pytest.raises(ValueError, match="double_mc:INTENDED"):
+        DemoConfig(task="double_mc:sentiment")
