@@ -117,3 +117,11 @@ def read_tensors(path: Path, what: str) -> dict[str, Tensor]:
 def write_tensors(tensors: Mapping[str, Tensor], path: Path) -> None:
     # Clone: safetensors refuses tensors that share storage (e.g. one tensor under two hooks).
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so a killed process
+    leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -44,7 +44,7 @@ from typing import Any
 
 import pandas as pd
 
-from caft_tl._io import dataclass_from_dict, now_iso, read_json
+from caft_tl._io import dataclass_from_dict, now_iso, read_json, write_text_atomic
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -155,9 +155,7 @@ def _cached_json(path: Path, compute: Callable[[], Any]) -> Any:
         return read_json(path, "demo artefact")
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)  # atomic: a killed run never leaves half a file
+    write_text_atomic(path, json.dumps(value, indent=2) + "\n")
     return value
 
 
@@ -539,9 +537,8 @@ def _results(cfg, evals, selected, scores, pcs, times) -> dict[str, Any]:
 
 
 def _write_results(out: Path, results: dict[str, Any]) -> None:
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    tmp.replace(out / "results.json")
+    text = json.dumps(results, indent=2, default=_json_default) + "\n"
+    write_text_atomic(out / "results.json", text)
 
 
 def _json_default(x: Any) -> Any:

@@ -10,6 +10,8 @@ from typing import Any
 
 import pandas as pd
 
+from caft_tl._io import write_text_atomic
+
 __all__ = ["accuracy_figure", "demo_report"]
 
 SPLIT_NAMES = {"test": "in-distribution (test)", "ood": "out-of-distribution"}
@@ -171,7 +173,5 @@ def demo_report(
         + "</body></html>\n"
     )
     out = Path(path)
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, page)
     return out
