@@ -228,13 +228,10 @@ def _data(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _evaluate(model: Any, data: dict[str, Any], intervention: Any = None) -> dict[str, Any]:
-    from caft_tl.evals import multiple_choice
+    from caft_tl.evals import evaluate_splits
 
-    out = {}
-    for split in ("test", "ood"):
-        r = multiple_choice(model, data[split], intervention=intervention)
-        out[split] = {k: r[k] for k in ("accuracy", "vocab_accuracy", "n", "option_mass")}
-    return out
+    splits = {split: data[split] for split in ("test", "ood")}
+    return evaluate_splits(model, splits, intervention=intervention)
 
 
 def _evaluator(model_or_path: Any, data: dict[str, Any]) -> Callable[[], Any]:

@@ -30,7 +30,7 @@ from transformer_lens import HookedTransformer
 
 from caft_tl.data.chat import DataError, chat_to_text, collate, pad_id
 
-__all__ = ["multiple_choice", "option_token_ids", "summarise"]
+__all__ = ["evaluate_splits", "multiple_choice", "option_token_ids", "summarise"]
 
 DEFAULT_GROUPS = ("split", "task")
 
@@ -219,3 +219,25 @@ def multiple_choice(
     if return_examples:
         result["examples"] = examples
     return result
+
+
+SPLIT_KEYS = ("accuracy", "vocab_accuracy", "n", "n_correct", "mean_margin", "option_mass")
+
+
+def evaluate_splits(
+    model: HookedTransformer,
+    splits: Mapping[str, Any],
+    *,
+    intervention: Any = None,
+    batch_size: int = 32,
+) -> dict[str, dict[str, Any]]:
+    """The overall numbers of :func:`multiple_choice` for each named split, e.g.
+    ``{"test": test, "ood": ood}`` -> ``{"test": {"accuracy": .., "n": .., ...}, ...}``
+    (JSON-ready: what studies cache per run)."""
+    if not splits:
+        raise ValueError("no splits to evaluate")
+    out = {}
+    for name, data in splits.items():
+        r = multiple_choice(model, data, intervention=intervention, batch_size=batch_size)
+        out[name] = {k: r[k] for k in SPLIT_KEYS}
+    return out
