@@ -1,6 +1,6 @@
 """caft-tl: Concept Ablation Fine-Tuning (CAFT) and model diffing on TransformerLens."""
 
-from caft_tl import compare, data, directions, evals, models, tasks
+from caft_tl import compare, data, diagnostics, directions, evals, models, tasks
 from caft_tl.activations import ActivationDiff, Activations, activation_diff, cache_activations
 from caft_tl.directions import ConceptSet
 from caft_tl.interventions import Ablation, Steering, load_intervention
@@ -20,6 +20,7 @@ __all__ = [
     "cache_activations",
     "compare",
     "data",
+    "diagnostics",
     "directions",
     "evals",
     "evaluate_loss",

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,14 @@ def dataclass_from_dict(cls: type, d: Mapping[str, Any]) -> Any:
 
 
 # Files that mark a folder as one of ours, so overwrite=True never deletes a user's folder.
-OWN_MARKERS = ("concepts.json", "intervention.json", "caft_tl.json", "meta.json")
+OWN_MARKERS = (
+    "concepts.json",
+    "intervention.json",
+    "caft_tl.json",
+    "meta.json",
+    "sweep.json",
+    "shift.json",
+)
 
 
 def now_iso() -> str:
@@ -125,3 +132,35 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def save_frames(
+    path: str | os.PathLike,
+    frames: Mapping[str, Any],
+    meta_file: str,
+    meta: Mapping[str, Any],
+    overwrite: bool = False,
+) -> Path:
+    """A folder of ``<name>.csv`` tables plus a JSON record ``meta_file``, written atomically
+    (``meta_file`` must be one of OWN_MARKERS so the folder can later be overwritten)."""
+    with atomic_folder(path, overwrite) as tmp:
+        for name, frame in frames.items():
+            frame.to_csv(tmp / f"{name}.csv", index=False)
+        (tmp / meta_file).write_text(json.dumps(dict(meta), indent=2))
+    return Path(path)
+
+
+def load_frames(
+    path: str | os.PathLike, names: Sequence[str], meta_file: str, fmt: str, what: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read back what :func:`save_frames` wrote; checks the record's ``format`` is ``fmt``
+    and drops ``format`` / ``version`` from the returned record."""
+    import pandas as pd
+
+    folder = Path(path)
+    meta = read_json(folder / meta_file, f"cannot load {what} from {folder}")
+    if meta.pop("format", None) != fmt:
+        raise ValueError(f"{folder / meta_file} is not a caft-tl {what}")
+    meta.pop("version", None)
+    frames = {n: pd.read_csv(folder / f"{n}.csv", dtype={"label": str}) for n in names}
+    return frames, meta

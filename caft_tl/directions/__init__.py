@@ -21,6 +21,7 @@ from caft_tl.directions.interpret import (
     top_examples,
 )
 from caft_tl.directions.pca import explained_variance_figure, pca
+from caft_tl.directions.probes import mean_difference
 from caft_tl.directions.sae import (
     SAEConfig,
     load_sae,
@@ -46,6 +47,7 @@ __all__ = [
     "load_sae",
     "logit_lens",
     "make_provenance",
+    "mean_difference",
     "pca",
     "random_directions",
     "random_subset",
