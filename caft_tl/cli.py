@@ -6,6 +6,7 @@
     caft-tl smoke                             load, chat, cache on the embedded model
     caft-tl demo [--quick] [--sae] [--out DIR]  the end-to-end CAFT study (gender task)
     caft-tl directions pca|sae|rank|interpret|select ...   (see caft_tl/cli_directions.py)
+    caft-tl diagnose shift|steer|decompose|all CONCEPTS ...  (see caft_tl/cli_diagnose.py)
 
 MODEL is ``embedded`` (the default SmolLM2-135M-Instruct), a checkpoint or Hugging Face
 folder, or a TransformerLens official name (needs a hub). DATA is a chat JSONL file
@@ -328,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     from caft_tl.cli_directions import add_parser as add_directions_parser
 
     add_directions_parser(sub)
+
+    from caft_tl.cli_diagnose import add_parser as add_diagnose_parser
+
+    add_diagnose_parser(sub)
 
     smoke = sub.add_parser("smoke", help="load, chat and cache on the embedded model")
     smoke.set_defaults(func=cmd_smoke)

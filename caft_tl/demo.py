@@ -46,7 +46,7 @@ import pandas as pd
 
 from caft_tl._io import dataclass_from_dict, now_iso, read_json, write_text_atomic
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "demo_concepts", "run_demo"]
 
 RESULTS_FORMAT = "caft_tl.demo_results"
 
@@ -384,6 +384,44 @@ def _select(model, directions, cfg: DemoConfig, folder: Path):
 # --------------------------------------------------------------------------------------------
 # The study
 # --------------------------------------------------------------------------------------------
+
+
+def demo_concepts(
+    out: str | Path = "caft-demo",
+    cfg: DemoConfig | None = None,
+    *,
+    model: Any = None,
+    echo: bool = True,
+) -> Any:
+    """Only the demo's concept finding: the seed-0 plain fine-tune, PCA of its activation
+    differences and the hinted selection (steps 2-4 for the first seed), into the same
+    folders as :func:`run_demo`, so the two share their work. Returns the selected PCA
+    ConceptSet (``out/concepts/pca``), e.g. for :mod:`caft_tl.diagnostics`."""
+    from caft_tl.directions import ConceptSet
+    from caft_tl.models import load_model
+
+    cfg = cfg or DemoConfig()
+    out = Path(out)
+    _check_config(out, cfg)
+    if (out / "concepts" / "pca").exists():  # saved atomically: complete when present
+        return ConceptSet.load(out / "concepts" / "pca")
+    log = _Log(echo)
+    base = model if model is not None else log.timed("load", lambda: load_model(device="cpu"))
+    data = _data(cfg)
+    seed, keep = cfg.seeds[0], [cfg.learned_less_step] if cfg.learned_less_step else []
+    folder = out / "runs" / f"s{seed}" / "plain"
+    log(f"plain fine-tune, seed {seed} ({cfg.max_steps} steps)")
+    plain = log.timed("finetune", _finetune, base, data, cfg, seed, folder, keep=keep)
+    if (folder / "checkpoint").is_dir():  # resumable state only; run_demo still needs the rest
+        shutil.rmtree(folder / "checkpoint")
+    log("directions: activation differences (plain seed 0 - base), PCA")
+    texts = _direction_texts(base, cfg, data)
+    pcs = _pca_directions(base, plain, texts, cfg, out / "directions" / "pca")
+    log(f"selection: hinted interpretation with contrast sets {list(_task(cfg)[1])}")
+    chosen, _, fallback = _select(plain, pcs, cfg, out / "concepts" / "pca")
+    note = " (fallback: none beat the random directions)" if fallback else ""
+    log(f"  pca: {chosen.n_directions} directions selected{note}")
+    return chosen
 
 
 def run_demo(

@@ -130,3 +130,26 @@ def test_double_multiple_choice_runs_through_the_same_study(model, tmp_path):
     assert "Double multiple choice" in (tmp_path / "report.html").read_text()
     with pytest.raises(ValueError, match="double_mc:INTENDED"):
         DemoConfig(task="double_mc:sentiment")
+
+
+def test_demo_concepts_alone_then_the_full_study_shares_the_work(model, tmp_path, monkeypatch):
+    from caft_tl.demo import demo_concepts
+
+    chosen = demo_concepts(tmp_path, small(seeds=[0]), model=model, echo=False)
+    assert chosen.n_directions >= 1 and set(chosen.hooks) <= set(HOOKS)
+    plain = tmp_path / "runs" / "s0" / "plain"
+    assert (plain / "final").exists() and (plain / "step-1").exists()
+    assert not (plain / "checkpoint").exists()
+    calls = []
+    real = ct.compare.finetune
+    monkeypatch.setattr(
+        "caft_tl.compare.finetune", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    results = run_demo(tmp_path, small(seeds=[0]), model=model, echo=False)
+    assert len(calls) == 3  # caft, random, top: the plain run came from demo_concepts
+    selected = ct.ConceptSet.load(tmp_path / "concepts" / "pca")
+    assert selected.labels == chosen.labels
+    assert "plain@step1/s0" in results["evals"]
+    assert (
+        demo_concepts(tmp_path, small(seeds=[0]), model=model, echo=False).labels == chosen.labels
+    )

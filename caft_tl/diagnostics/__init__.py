@@ -16,6 +16,7 @@ from caft_tl.diagnostics.decomposition import (
     decomposition_table,
     training_decomposition,
 )
+from caft_tl.diagnostics.report import diagnostics_report, sign_sentences
 from caft_tl.diagnostics.shift import AblationShift, ablation_shift
 from caft_tl.diagnostics.steering import (
     DEFAULT_COEFS,
@@ -35,7 +36,9 @@ __all__ = [
     "decomposition_figure",
     "decomposition_interventions",
     "decomposition_table",
+    "diagnostics_report",
     "sign_report",
+    "sign_sentences",
     "steering_vs_ablation",
     "training_decomposition",
 ]
