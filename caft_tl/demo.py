@@ -181,7 +181,7 @@ def _check_config(out: Path, cfg: DemoConfig) -> None:
             )
         return
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(saved, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -164,6 +164,13 @@ def test_sweep_rows_match_independent_evaluations(model, concepts, mc):
     r = ct.evals.multiple_choice(model, mc, intervention=steer)
     assert allrows.loc[("steer", 2.0), "logit_diff"] == pytest.approx(r["mean_margin"], abs=1e-4)
 
+    # A set at block 1 starts from the cached residual entering block 1: same numbers.
+    only_c = concepts.select({H1: [0]})
+    at_h1 = t[t["directions"] == "c @ " + H1].set_index(["condition", "coef"])
+    r = ct.evals.multiple_choice(model, mc, intervention=Ablation(only_c, mode="zero"))
+    assert at_h1.loc[("zero", -1.0), "logit_diff"] == pytest.approx(r["mean_margin"], abs=1e-4)
+    assert at_h1.loc[("zero", -1.0), "accuracy"] == pytest.approx(r["accuracy"])
+
     report = sweep.sign_report()
     assert list(report["directions"]) == sweep.direction_sets
     assert set(report["acts_like"]) <= {
@@ -283,3 +290,15 @@ def test_sign_report_takes_the_crossing_nearest_zero():
     sweep = _synthetic(lambda c: curve[c], np.full(50, -1.0) + np.linspace(-0.01, 0.01, 50))
     r = sign_report(sweep).iloc[0]
     assert r["equivalent_coef"] == pytest.approx(0.5)
+
+
+def test_starting_at_the_first_hooked_block_changes_nothing(model, concepts, monkeypatch):
+    import caft_tl.diagnostics.steering as steering
+
+    texts = ["The cat sat on the mat today.", "A quick brown fox jumps over the dog, twice."]
+    only_h1 = concepts.select({H1: [0]})
+    fast = steering_vs_ablation(model, only_h1, texts, coefs=[2], progress=False)
+    monkeypatch.setattr(steering, "PREFIX_BUDGET", 0)  # whole forwards only
+    slow = steering_vs_ablation(model, only_h1, texts, coefs=[2], progress=False)
+    pd.testing.assert_frame_equal(fast.table, slow.table, atol=1e-5)
+    assert fast.table["kl"].max() > 0

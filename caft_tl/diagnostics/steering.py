@@ -161,6 +161,58 @@ def _mc_scores(
     }
 
 
+@dataclass
+class _Prefix:
+    """The clean residual stream entering block ``layer`` for every batch: interventions
+    that act at block ``layer`` or later need not rerun the blocks before it."""
+
+    layer: int
+    resid: dict[int, Tensor]  # first example index of a batch -> [batch, pos, d_model]
+
+    def at(self, start: int) -> tuple[int, Tensor]:
+        return self.layer, self.resid[start]
+
+
+PREFIX_BUDGET = 2 * 2**30  # bytes of cached residuals; beyond this, run whole forwards
+
+
+def _first_layer(hooks: Sequence[str]) -> int:
+    layers = []
+    for hook in hooks:
+        parts = hook.split(".")
+        if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+            return 0  # embedding hooks: the whole model runs
+        layers.append(int(parts[1]))
+    return min(layers)
+
+
+@torch.no_grad()
+def _prefix(
+    model: HookedTransformer, prep: _Prepared, hooks: Sequence[str], batch_size: int
+) -> _Prefix | None:
+    layer = _first_layer(hooks)
+    tokens = sum(len(ids) for ids in prep.input_ids)
+    size = tokens * model.cfg.d_model * torch.finfo(model.cfg.dtype).bits // 8
+    if layer == 0 or size > PREFIX_BUDGET:
+        return None
+    device = next(model.parameters()).device
+    resid = {}
+    for index, batch in _batches(prep, batch_size, pad_id(model.tokenizer), device):
+        ids, att = batch["input_ids"], batch["attention_mask"]
+        resid[index[0]] = model(ids, attention_mask=att, stop_at_layer=layer)
+    return _Prefix(layer, resid)
+
+
+def _forward(
+    model: HookedTransformer, batch: dict[str, Tensor], start: tuple[int, Tensor] | None
+) -> Float[Tensor, "batch pos vocab"]:
+    ids, att = batch["input_ids"], batch["attention_mask"]
+    if start is None:
+        return model(ids, attention_mask=att).float()
+    layer, resid = start  # checked equal to the whole forward in the tests
+    return model(resid, start_at_layer=layer, tokens=ids, attention_mask=att).float()
+
+
 @torch.no_grad()
 def _run_condition(
     model: HookedTransformer,
@@ -168,6 +220,7 @@ def _run_condition(
     intervention: Intervention | None,
     clean: dict[int, Tensor] | None,
     batch_size: int,
+    prefix: _Prefix | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[int, Tensor]]:
     """Per-example metrics under ``intervention``. With ``clean=None`` this *is* the clean
     run, and it returns its answer-position log-probabilities for the KLs of the later
@@ -181,7 +234,7 @@ def _run_condition(
         real = batch["attention_mask"].bool()
         context = nullcontext() if intervention is None else intervention.applied(model)
         with context:
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()
+            logits = _forward(model, batch, None if prefix is None else prefix.at(index[0]))
         if prep.kind == "multiple_choice":
             logits = logits[torch.arange(len(index)), real.sum(-1) - 1]
             logp = logits.log_softmax(-1)
@@ -194,8 +247,8 @@ def _run_condition(
         else:
             ref_logits = logits
             if intervention is not None:
-                ref_logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-            scores = _text_scores(logits, ref_logits.float(), batch["input_ids"], real)
+                ref_logits = _forward(model, batch, None if prefix is None else prefix.at(index[0]))
+            scores = _text_scores(logits, ref_logits, batch["input_ids"], real)
         for name, values in scores.items():
             per_example.setdefault(name, []).extend(values.tolist())
     return {k: np.asarray(v) for k, v in per_example.items()}, kept
@@ -299,9 +352,10 @@ def steering_vs_ablation(
     (``per_direction``) and for all of ``concepts`` together.
 
     ``mu`` is the model's mean activation at each hook over every real token of ``data``
-    (or of ``mean_data``), unless ``mean={hook: mu}`` is given: steer by the *base* model's
-    mean, i.e. pass the base model. -1 and 0 are always in the sweep: they are the
-    coefficients whose steering matches zero- and mean-ablation's average shift.
+    (or of ``mean_data``; or ``mean={hook: mu}``): every position, as the hooks act at every
+    position. Pass the base model to steer by the base model's mean projection. -1 and 0 are
+    always in the sweep: they are the coefficients whose steering matches zero- and
+    mean-ablation's average shift.
     See the module docstring for the metrics; ``judge`` (a :class:`Judge` or a callable
     ``(questions, answers) -> scores``) adds ``judge_score`` of greedy completions of at
     most ``max_new_tokens`` tokens.
@@ -326,6 +380,7 @@ def steering_vs_ablation(
         clean_judge = None if judge is None else judged_by(None)
         sets = _direction_sets(concepts, per_direction)
         jobs = [(name, c) for name, d in sets.items() for c in _conditions(d, mean, values)]
+        prefixes: dict[int, _Prefix | None] = {}
         rows: list[dict[str, Any]] = []
         examples: list[pd.DataFrame] = []
         for name, (condition, coef, intervention) in tqdm(
@@ -334,7 +389,11 @@ def steering_vs_ablation(
             if intervention is None:  # steering by 0 is the clean model
                 scores, judged = clean_scores, clean_judge
             else:
-                scores, _ = _run_condition(model, prep, intervention, clean, batch_size)
+                layer = _first_layer(sets[name].hooks)
+                if layer not in prefixes:
+                    prefixes[layer] = _prefix(model, prep, sets[name].hooks, batch_size)
+                run = (model, prep, intervention, clean, batch_size, prefixes[layer])
+                scores, _ = _run_condition(*run)
                 judged = None if judge is None else judged_by(intervention)
             if judged is not None:
                 scores = {**scores, "judge_score": judged}
