@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -78,10 +80,16 @@ def test_decomposition_trains_each_condition_once_and_reuses(tokenizer, tmp_path
     fig = decomposition_figure(df)
     assert [trace.name for trace in fig.data] == ["test", "ood"]
 
+    # Fewer seeds or conditions reuse the cached runs; other training settings are refused.
+    fewer = training_decomposition(
+        model, train, _concepts(), splits, cfg, tmp_path, seeds=[1], conditions=conditions[:2],
+        progress=False,
+    )  # fmt: skip
+    assert len(fewer) == 2 * 2
     with pytest.raises(ValueError, match="another configuration"):
         training_decomposition(
-            model, train, _concepts(), splits, cfg, tmp_path, seeds=[0], conditions=conditions,
-            progress=False,
+            model, train, _concepts(), splits, dataclasses.replace(cfg, lr=2e-3), tmp_path,
+            seeds=[0], conditions=conditions, progress=False,
         )  # fmt: skip
     with pytest.raises(ValueError, match="eval_data is empty"):
         training_decomposition(model, train, _concepts(), {}, cfg, tmp_path / "x")

@@ -95,8 +95,8 @@ def _check_saved_config(out: Path, config: dict[str, Any]) -> None:
     path = out / "decomposition.json"
     if path.exists():
         old = read_json(path, "decomposition configuration")
-        if old != config:
-            changed = sorted(k for k in config if old.get(k) != config[k])
+        changed = sorted(k for k in config if old.get(k) != config[k])
+        if changed:
             raise ValueError(
                 f"{out} holds a decomposition with another configuration (differs in {changed});"
                 " use another out folder or delete it"
@@ -106,7 +106,9 @@ def _check_saved_config(out: Path, config: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(config, indent=2) + "\n")
 
 
-def _config(cfg: TrainConfig, concepts: ConceptSet, conditions, seeds, train, splits) -> dict:
+def _config(cfg: TrainConfig, concepts: ConceptSet, train, splits) -> dict:
+    """What every cached run of the folder must share. Conditions and seeds are not in it:
+    each (condition, seed) run is cached on its own, so adding some later is fine."""
     from caft_tl.directions.concepts import data_fingerprint
 
     train_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seed", "progress")}
@@ -116,8 +118,6 @@ def _config(cfg: TrainConfig, concepts: ConceptSet, conditions, seeds, train, sp
                 "train": train_cfg,
                 "concepts": {h: concepts.labels[h] for h in concepts.hooks},
                 "concepts_fingerprint": data_fingerprint([concepts[h] for h in concepts.hooks]),
-                "conditions": list(conditions),
-                "seeds": list(seeds),
                 "train_data": data_fingerprint(train),
                 "eval_data": {k: data_fingerprint(v) for k, v in splits.items()},
             },
@@ -157,7 +157,7 @@ def training_decomposition(
         raise ValueError("eval_data is empty: give e.g. {'test': test, 'ood': ood}")
     names = list(conditions) if conditions is not None else condition_names(ks)
     out = Path(out)
-    _check_saved_config(out, _config(cfg, concepts, names, seeds, train, eval_data))
+    _check_saved_config(out, _config(cfg, concepts, train, eval_data))
     mean = None
     if any(n.startswith("steer") or n == "mean" for n in names):
         batches = mean_batches(base, train, batch_size=cfg.batch_size, max_length=cfg.max_length)
