@@ -33,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the study's")
     parser.add_argument("--ks", type=float, nargs="+", default=[3.0, 5.0])
+    parser.add_argument("--conditions", nargs="+", default=None, help="default: all, by --ks")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if not (STUDY / "concepts" / "pca").exists():
@@ -52,7 +53,7 @@ def main() -> None:
     base = ct.load_model(device="cpu")
     results = training_decomposition(
         base, data["train"], concepts, {"test": data["test"], "ood": data["ood"]},
-        _train_config(cfg, seeds[0]), out, seeds=seeds, ks=args.ks,
+        _train_config(cfg, seeds[0]), out, seeds=seeds, ks=args.ks, conditions=args.conditions,
     )  # fmt: skip
     table = decomposition_table(results)
     print(f"\nConcepts: {concepts.labels}")
