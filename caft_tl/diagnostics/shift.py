@@ -117,10 +117,6 @@ def _readers(
     return out
 
 
-def _hook_layers(hooks: Sequence[str]) -> int | None:
-    return stop_layer(list(hooks))
-
-
 def _pass(
     model: HookedTransformer,
     batches: Sequence[tuple[Tensor, Tensor, Tensor]],
@@ -136,7 +132,8 @@ def _pass(
 
     def reader(key: tuple[str, str], fn: Callable[[Tensor], Tensor]):
         def hook_fn(act: Tensor, hook: Any) -> None:
-            stats.setdefault(key, _Moments()).add(fn(act[state["mask"]]))
+            # [n, d] per measured token ([n, heads, d_head] hooks flattened to [n, d]).
+            stats.setdefault(key, _Moments()).add(fn(act[state["mask"]].flatten(1)))
 
         return hook_fn
 
@@ -148,7 +145,7 @@ def _pass(
         hooks.append((hook, reader(("upstream", hook), readers[("direction", hook)])))
         hooks.append((hook, fn))
     hooks += [(hook, reader((kind, hook), fn)) for (kind, hook), fn in readers.items()]
-    stop = _hook_layers([h for _, h in readers] + list(ablation_hooks))
+    stop = stop_layer([h for _, h in readers] + list(ablation_hooks))
     kwargs = {} if stop is None else {"stop_at_layer": stop}
     device = next(model.parameters()).device
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
