@@ -17,16 +17,36 @@ from __future__ import annotations
 import argparse
 import shutil
 
+import pandas as pd
 import torch
 from _study import RESULTS, markdown, save
 
 import caft_tl as ct
 from caft_tl._io import read_json
 from caft_tl.demo import DemoConfig, _data, _train_config
-from caft_tl.diagnostics import decomposition_figure, decomposition_table, training_decomposition
+from caft_tl.diagnostics import (
+    condition_names,
+    decomposition_figure,
+    decomposition_table,
+    training_decomposition,
+)
 
 STUDY = RESULTS / "studies" / "gender_pronoun"
 REUSED = {"plain": "plain", "zero": "caft-pca"}  # our condition -> the demo's run name
+
+
+def _cached(out, names: list[str], seeds: list[int]) -> pd.DataFrame:
+    """The finished runs' evaluations (training_decomposition's cache), whatever is done."""
+    rows = []
+    for name in names:
+        for seed in seeds:
+            path = out / "evals" / name / f"s{seed}.json"
+            if path.exists():
+                evals = read_json(path, "decomposition result")
+                rows += [
+                    {"condition": name, "seed": seed, "split": k, **v} for k, v in evals.items()
+                ]
+    return pd.DataFrame(rows)
 
 
 def main() -> None:
@@ -34,6 +54,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the study's")
     parser.add_argument("--ks", type=float, nargs="+", default=[3.0, 5.0])
     parser.add_argument("--conditions", nargs="+", default=None, help="default: all, by --ks")
+    parser.add_argument(
+        "--cached", action="store_true", help="tabulate the runs already done; train nothing"
+    )
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if not (STUDY / "concepts" / "pca").exists():
@@ -49,12 +72,16 @@ def main() -> None:
             if source.exists() and not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
-    data = _data(cfg)
-    base = ct.load_model(device="cpu")
-    results = training_decomposition(
-        base, data["train"], concepts, {"test": data["test"], "ood": data["ood"]},
-        _train_config(cfg, seeds[0]), out, seeds=seeds, ks=args.ks, conditions=args.conditions,
-    )  # fmt: skip
+    names = args.conditions or condition_names(args.ks)
+    if args.cached:
+        results = _cached(out, names, seeds)
+    else:
+        data = _data(cfg)
+        results = training_decomposition(
+            ct.load_model(device="cpu"), data["train"], concepts,
+            {"test": data["test"], "ood": data["ood"]}, _train_config(cfg, seeds[0]), out,
+            seeds=seeds, conditions=names,
+        )  # fmt: skip
     table = decomposition_table(results)
     print(f"\nConcepts: {concepts.labels}")
     print(markdown(table))
@@ -62,6 +89,7 @@ def main() -> None:
     save("decomposition_study", table, {"accuracy": fig}, {
         "concepts": concepts.labels, "seeds": seeds, "ks": args.ks,
         "reused_from_gender_study": REUSED, "rows": results.to_dict("records"),
+        "seeds_per_condition": results.groupby("condition")["seed"].unique().map(list).to_dict(),
     })  # fmt: skip
 
 
