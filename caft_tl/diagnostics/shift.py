@@ -159,15 +159,11 @@ def _token_batches(
     model: HookedTransformer, data: Any, batch_size: int, max_length: int | None, skip_first: bool
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """(tokens, attention mask, measured positions) per batch."""
-    from caft_tl.data.chat import collate
-    from caft_tl.diagnostics.steering import _prepare
+    from caft_tl.diagnostics.steering import _batches, _prepare
 
     prep = _prepare(model, data, max_length)
-    pad = pad_id(model.tokenizer)
     out = []
-    for start in range(0, len(prep.input_ids), batch_size):
-        rows = [{"input_ids": ids} for ids in prep.input_ids[start : start + batch_size]]
-        batch = collate(rows, pad_token_id=pad)
+    for _, batch in _batches(prep, batch_size, pad_id(model.tokenizer), "cpu"):
         mask = batch["attention_mask"].bool()
         if skip_first:
             mask[:, 0] = False  # the first token's activations are outliers in most models
