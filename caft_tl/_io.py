@@ -164,3 +164,16 @@ def load_frames(
     meta.pop("version", None)
     frames = {n: pd.read_csv(folder / f"{n}.csv", dtype={"label": str}) for n in names}
     return frames, meta
+
+
+def tidy_run(folder: Path, *, keep_final: bool, keep_all: bool) -> None:
+    """Free the disk once a fine-tuning run is evaluated: its resumable state (weights plus
+    AdamW moments, about 1.9 GB for SmolLM2) always; its kept snapshots (``step-*``) and
+    final model (0.6 GB each) unless ``keep_all``, the final one also kept with
+    ``keep_final``. run.json and metrics.jsonl stay as the run's record."""
+    doomed = [folder / "checkpoint"]
+    if not keep_all:
+        doomed += list(folder.glob("step-*")) + ([] if keep_final else [folder / "final"])
+    for path in doomed:
+        if path.is_dir():
+            shutil.rmtree(path)

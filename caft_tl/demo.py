@@ -35,7 +35,6 @@ import dataclasses
 import gc
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from typing import Any
 
 import pandas as pd
 
-from caft_tl._io import dataclass_from_dict, now_iso, read_json, write_text_atomic
+from caft_tl._io import dataclass_from_dict, now_iso, read_json, tidy_run, write_text_atomic
 
 __all__ = ["DemoConfig", "demo_concepts", "run_demo"]
 
@@ -248,18 +247,6 @@ def _evaluated(out: Path, names: Sequence[str]) -> bool:
     return all((out / "evals" / f"{name}.json").exists() for name in names)
 
 
-def _tidy(folder: Path, keep_final: bool, keep_all: bool) -> None:
-    """Free the disk once a run is evaluated: its resumable state (weights plus AdamW
-    moments, about 1.9 GB for SmolLM2) always, its models (0.6 GB each) unless kept.
-    run.json and metrics.jsonl stay."""
-    doomed = [folder / "checkpoint"]
-    if not keep_all:
-        doomed += list(folder.glob("step-*")) + ([] if keep_final else [folder / "final"])
-    for path in doomed:
-        if path.is_dir():
-            shutil.rmtree(path)
-
-
 def _finetune(base, data, cfg: DemoConfig, seed: int, folder: Path, intervention=None, keep=()):
     from caft_tl.compare import _run
 
@@ -412,8 +399,9 @@ def demo_concepts(
     folder = out / "runs" / f"s{seed}" / "plain"
     log(f"plain fine-tune, seed {seed} ({cfg.max_steps} steps)")
     plain = log.timed("finetune", _finetune, base, data, cfg, seed, folder, keep=keep)
-    if (folder / "checkpoint").is_dir():  # resumable state only; run_demo still needs the rest
-        shutil.rmtree(folder / "checkpoint")
+    tidy_run(
+        folder, keep_final=True, keep_all=True
+    )  # resumable state only: run_demo needs the rest
     log("directions: activation differences (plain seed 0 - base), PCA")
     texts = _direction_texts(base, cfg, data)
     pcs = _pca_directions(base, plain, texts, cfg, out / "directions" / "pca")
@@ -466,7 +454,7 @@ def run_demo(
         evaluate(names[0], model_)
         for step, name in zip(keep, names[1:], strict=True):
             evaluate(name, folder / f"step-{step}")
-        _tidy(folder, keep_final=first, keep_all=cfg.keep_models)
+        tidy_run(folder, keep_final=first, keep_all=cfg.keep_models)
         if first:
             plain0 = model_
         del model_
@@ -508,7 +496,7 @@ def run_demo(
             folder = out / "runs" / f"s{seed}" / name
             model_ = log.timed("finetune", _finetune, base, data, cfg, seed, folder, intervention)
             evaluate(f"{name}/s{seed}", model_)
-            _tidy(folder, keep_final=False, keep_all=cfg.keep_models)
+            tidy_run(folder, keep_final=False, keep_all=cfg.keep_models)
             del model_
             gc.collect()
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from caft_tl._io import read_json, write_text_atomic
+from caft_tl._io import read_json, tidy_run, write_text_atomic
 from caft_tl.directions.concepts import ConceptSet
 from caft_tl.interventions import Ablation, Intervention, Steering, mean_activations
 from caft_tl.train import TrainConfig
@@ -178,17 +177,9 @@ def training_decomposition(
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, json.dumps(evals, indent=2) + "\n")
             del model
-            _tidy(folder, keep_models)
+            tidy_run(folder, keep_final=False, keep_all=keep_models)
         rows += [{"condition": name, "seed": seed, "split": s, **r} for s, r in evals.items()]
     return pd.DataFrame(rows)
-
-
-def _tidy(folder: Path, keep_models: bool) -> None:
-    # Resumable state (weights + optimiser moments) always goes once evaluated; weights too
-    # unless kept. run.json and metrics.jsonl stay as the run's record.
-    for sub in ["checkpoint"] + ([] if keep_models else ["final"]):
-        if (folder / sub).is_dir():
-            shutil.rmtree(folder / sub)
 
 
 def decomposition_table(results: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
