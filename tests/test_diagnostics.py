@@ -122,6 +122,11 @@ def test_shift_bad_input_and_hooks_removed(model, concepts, mc, tmp_path):
         ablation_shift(model, ConceptSet({H0: torch.eye(32)[:1]}), mc, progress=False)
     with pytest.raises(ValueError, match="hook"):
         ablation_shift(model, ConceptSet({"blocks.9.hook_resid_post": torch.eye(64)[:1]}), mc)
+    unnamed = _sae(H1)
+    unnamed.cfg.metadata.hook_name = None
+    with pytest.raises(ValueError, match="records no hook_name"):
+        ablation_shift(model, concepts, mc, saes=unnamed, progress=False)
+    assert ablation_shift(model, concepts, mc, saes={H1: unnamed}, progress=False).meta["saes"]
     broken = _sae(H1)
     broken.encode = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))
     with pytest.raises(RuntimeError, match="boom"):

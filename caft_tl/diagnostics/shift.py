@@ -38,6 +38,7 @@ from caft_tl._io import load_frames, now_iso, save_frames
 from caft_tl.activations import stop_layer
 from caft_tl.data.chat import pad_id
 from caft_tl.directions.concepts import ConceptSet, check_hook_widths
+from caft_tl.directions.sae import _sae_hook
 from caft_tl.interventions import Ablation
 
 __all__ = ["AblationShift", "ablation_shift"]
@@ -72,14 +73,6 @@ class _Moments:
         return (self.active / self.n).cpu().numpy()
 
 
-def _sae_hook(sae: Any) -> str:
-    meta = getattr(sae.cfg, "metadata", None)
-    hook = getattr(meta, "hook_name", None) or getattr(sae.cfg, "hook_name", None)
-    if not hook:
-        raise ValueError("an SAE records no hook_name; pass saes={hook: sae}")
-    return hook
-
-
 def _sae_dict(saes: Any) -> dict[str, Any]:
     if saes is None:
         return {}
@@ -89,7 +82,10 @@ def _sae_dict(saes: Any) -> dict[str, Any]:
         saes = [saes]
     out: dict[str, Any] = {}
     for sae in saes:
-        hook = _sae_hook(sae)
+        try:
+            hook = _sae_hook(sae, None)  # where SAE-Lens records it, as the rankers read it
+        except ValueError:
+            raise ValueError("an SAE records no hook_name; pass saes={hook: sae}") from None
         if hook in out:
             raise ValueError(f"two SAEs at hook {hook!r}; pass saes={{name: sae}} per hook")
         out[hook] = sae
