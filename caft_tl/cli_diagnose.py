@@ -15,7 +15,6 @@ task's contrast sets (e.g. female vs male sentences) as a difference-of-means pr
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,38 +29,14 @@ def _task_fns(task: str) -> tuple[Any, dict[str, list[str]]]:
     return _task(DemoConfig(task=task))
 
 
-def _read_mc_or_chat(path: str):
-    """Multiple-choice JSONL (named line numbers on errors), else chat / text data."""
-    from datasets import Dataset
-
-    from caft_tl.cli import _read_data
-    from caft_tl.data import DataError
-
-    p = Path(path)
-    if p.suffix == ".jsonl" and p.exists():
-        first = next((ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()), "")
-        try:
-            is_mc = "options" in json.loads(first)
-        except json.JSONDecodeError:
-            is_mc = False
-        if is_mc:
-            rows = []
-            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{p} line {i}: not valid JSON ({err.msg})") from None
-            return Dataset.from_list(rows)
-    return _read_data(path)
-
-
 def _data(args: argparse.Namespace):
     if args.data:
         if args.task:
             raise ValueError("give --task or --data, not both")
-        return _read_mc_or_chat(args.data)
+        from caft_tl.cli import _read_train_data
+
+        # Multiple-choice rows are prompt/answer rows with options: the same reader.
+        return _read_train_data(args.data, "data")
     gen, _ = _task_fns(args.task or DEFAULT_TASK)
     return gen(args.split, args.n)
 
