@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the end-to-end CAFT study on the gender task (about 27 min on 2 cores)"
     )
     demo.add_argument("--out", default="caft-demo", help="folder for every artefact (reused)")
-    demo.add_argument("--quick", action="store_true", help="1 seed, less data: about 7 min")
+    demo.add_argument("--quick", action="store_true", help="1 seed, less data: about 4 min")
     demo.add_argument("--sae", action="store_true", help="also SAE latents as concepts")
     demo.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default 0 1 2)")
     demo.add_argument("--steps", type=int, help="fine-tuning steps per run")

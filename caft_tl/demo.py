@@ -26,7 +26,7 @@ the directions come from (``keep_models=True`` keeps them all). Evaluations are 
 second run retrains nothing; a run killed mid-way resumes from its checkpoint.
 
 Everything is offline and deterministic by seed. The defaults are sized for 2 CPU cores
-(measured on 2 cores: 27 minutes; ``quick`` 7).
+(measured on 2 cores: 27 minutes before the fast paths; ``quick`` 7, now 4).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        """One seed, less data, no learned-less control: about 7 minutes on 2 cores."""
+        """One seed, less data, no learned-less control: about 4 minutes on 2 cores."""
         values = dict(
             seeds=[0], n_train=160, n_eval=60, max_steps=20, lr=5e-5, warmup_steps=2,
             learned_less_step=None, n_direction_prompts=60, n_chat_prompts=60, n_hint_pairs=60,

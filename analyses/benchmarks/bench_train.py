@@ -12,9 +12,10 @@ checkpoint / resume overhead, on the embedded SmolLM2-135M-Instruct (CPU, fp32, 
    Steering, at blocks.10/15/20.hook_resid_post with 20 random orthonormal directions per
    hook. The same step on the Hugging Face model (same GGUF weights, fp32) runs without
    hooks and with ``register_forward_hook`` on decoder layers 10/15/20 applying
-   ``h - (h @ Q) @ Q.T`` (zero ablation). All variants share one process and are
-   interleaved: every round runs each variant once, in a rotated order, and ratios are
-   medians of per-round ratios.
+   ``h - (h @ Q) @ Q.T`` (zero ablation); ``tl_none`` / ``tl_zero`` run our step with
+   ``caft_tl.fast`` switched off (TransformerLens's own forward). All variants share one
+   process and are interleaved: every round runs each variant once, in a rotated order,
+   and ratios are medians of per-round ratios.
 2. Peak memory of a step: a fresh subprocess per variant loads the model, sets up the
    optimiser, returns freed heap to the OS, resets the RSS high-water mark and reads
    ``VmHWM`` from /proc/self/status after the step, minus the RSS before it (first step,
@@ -71,6 +72,9 @@ HOOKS = [f"blocks.{layer}.hook_resid_post" for layer in LAYERS]
 N_DIRECTIONS = 20
 LR = 1e-6  # tiny: the weights barely move while every variant trains the same model
 OURS = ("none", "zero", "mean", "detached", "gradient", "steering")
+# The same model and optimiser with caft_tl.fast switched off for the step: TransformerLens's
+# own forward, what caft-tl ran before the fast paths.
+TL = ("tl_none", "tl_zero")
 HF = ("hf_none", "hf_zero")
 TARGET_RATIO = 1.05
 KINDS = ("wall", "cpu", "fwd_bwd")
@@ -78,12 +82,12 @@ KINDS = ("wall", "cpu", "fwd_bwd")
 MODES = {
     "full": {
         "rounds": 6,
-        "memory_variants": [*OURS, "hf_zero"],
+        "memory_variants": [*OURS, "tl_zero", "hf_zero"],
         "checkpoint_reps": 2,
     },
     "quick": {
         "rounds": 3,
-        "memory_variants": ["none", "zero"],
+        "memory_variants": ["zero", "tl_zero", "hf_zero"],
         "checkpoint_reps": 1,
     },
 }
@@ -155,8 +159,26 @@ def _timings(start: float, cpu: float, fwd_bwd: float) -> dict[str, float]:
     }
 
 
-def ours_step_fn(model: Any, batch: dict[str, Any], intervention: Any, optimizer: Any):
-    """One step of ``finetune``'s loop (grad_accum 1); the step returns its timings."""
+@contextlib.contextmanager
+def _plain_transformer_lens(model: Any, plain: bool):
+    """TransformerLens's own forward for the duration (``caft_tl.fast`` off), if ``plain``."""
+    from caft_tl.fast import accelerate
+
+    if not plain:
+        yield
+        return
+    accelerate(model, enable=False)
+    try:
+        yield
+    finally:
+        accelerate(model)
+
+
+def ours_step_fn(
+    model: Any, batch: dict[str, Any], intervention: Any, optimizer: Any, plain: bool = False
+):
+    """One step of ``finetune``'s loop (grad_accum 1); the step returns its timings.
+    ``plain``: with TransformerLens's own forward instead of ``caft_tl.fast``'s."""
     import torch
 
     from caft_tl.train import _applied, target_loss_sum
@@ -166,7 +188,11 @@ def ours_step_fn(model: Any, batch: dict[str, Any], intervention: Any, optimizer
     def step() -> dict[str, float]:
         start, cpu = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
-        with torch.enable_grad(), _applied(intervention, model):
+        with (
+            torch.enable_grad(),
+            _plain_transformer_lens(model, plain),
+            _applied(intervention, model),
+        ):
             loss, n = target_loss_sum(model, batch)
             (loss / n).backward()
             loss.item()
@@ -279,6 +305,9 @@ def bench_steps(cfg: dict[str, Any]) -> dict[str, Any]:
     interventions = make_interventions(model, batch)
     optimizer = _optimizer(model)
     steps = {name: ours_step_fn(model, batch, iv, optimizer) for name, iv in interventions.items()}
+    for name in TL:
+        iv = interventions[name.removeprefix("tl_")]
+        steps[name] = ours_step_fn(model, batch, iv, optimizer, plain=True)
     hf, hf_opt, hf_steps, q = hf_setup(batch, interventions)
     steps.update(hf_steps)
     equivalence = check_equivalence(model, hf, batch, interventions["zero"], q)
@@ -316,7 +345,7 @@ def bench_steps(cfg: dict[str, Any]) -> dict[str, Any]:
 
     variants = {}
     for name in names:
-        ref = "hf_none" if name.startswith("hf_") else "none"
+        ref = {"hf": "hf_none", "tl": "tl_none"}.get(name[:2], "none")
         row: dict[str, Any] = {f"{k}_s": times[name][k] for k in KINDS}
         row.update({f"{k}_s_median": statistics.median(times[name][k]) for k in KINDS})
         row["wall_s_min"] = min(times[name]["wall"])
@@ -327,6 +356,8 @@ def bench_steps(cfg: dict[str, Any]) -> dict[str, Any]:
             row["ratio_to_reference"] = compare(name, ref)
         variants[name] = row
     ours_vs_hf = {"zero": compare("zero", "hf_zero"), "none": compare("none", "hf_none")}
+    ours_vs_tl = {"zero": compare("zero", "tl_zero"), "none": compare("none", "tl_none")}
+    tl_vs_hf = {"zero": compare("tl_zero", "hf_zero"), "none": compare("tl_none", "hf_none")}
     result = {
         "batch_size": BATCH_SIZE,
         "seq_len": SEQ_LEN,
@@ -338,6 +369,8 @@ def bench_steps(cfg: dict[str, Any]) -> dict[str, Any]:
         "logit_max_abs_diff_tl_vs_hf": equivalence,
         "variants": variants,
         "ratio_ours_over_hf_median": ours_vs_hf,
+        "ratio_ours_over_plain_tl_median": ours_vs_tl,
+        "ratio_plain_tl_over_hf_median": tl_vs_hf,
     }
     del model, hf, optimizer, hf_opt, steps, hf_steps, interventions, times
     gc.collect()
@@ -352,7 +385,7 @@ def child_memory(variant: str) -> None:
     _set_threads()
     import caft_tl
 
-    model = caft_tl.load_model(device="cpu").train()
+    model = caft_tl.load_model(device="cpu", fast=not variant.startswith("tl_")).train()
     batch = make_batch(model.tokenizer)
     interventions = make_interventions(model, batch)
     if variant.startswith("hf_"):
@@ -362,7 +395,7 @@ def child_memory(variant: str) -> None:
         n_params = sum(p.numel() for p in hf.parameters())
     else:
         optimizer = _optimizer(model)
-        step = ours_step_fn(model, batch, interventions[variant], optimizer)
+        step = ours_step_fn(model, batch, interventions[variant.removeprefix("tl_")], optimizer)
         n_params = sum(p.numel() for p in model.parameters())
     gc.collect()
     _malloc_trim()
@@ -557,16 +590,39 @@ def markdown_table(res: dict[str, Any]) -> str:
                     f"fwd+bwd {q['fwd_bwd_median']:.2f}x, fastest/fastest {q['of_minima']:.2f}x",
                 )
             )
+        if "ratio_ours_over_plain_tl_median" in st:
+            for key, label in (("none", "no hooks"), ("zero", "zero ablation")):
+                name = f"tl_{key}"
+                q = st["ratio_ours_over_plain_tl_median"][key]
+                h = st["ratio_plain_tl_over_hf_median"][key]
+                rows.append(
+                    (
+                        f"plain TransformerLens step (`caft_tl.fast` off), {label}",
+                        f"{v[name]['wall_s_median']:.2f} s (CPU {v[name]['cpu_s_median']:.2f} s)",
+                        f"ours/plain TL = **{q['wall_median']:.2f}x** (fwd+bwd "
+                        f"{q['fwd_bwd_median']:.2f}x); plain TL/HF = {h['wall_median']:.2f}x",
+                    )
+                )
     mem = res.get("memory")
     if mem:
-        for name, run in mem["runs"].items():
+        runs = mem["runs"]
+        for name, run in runs.items():
+            note = (
+                f"first step (allocates AdamW state) / second step; RSS before "
+                f"{run['rss_before_mib']:.0f} MiB"
+            )
+            if "hf_zero" in runs and name != "hf_zero":
+                first, second = (
+                    run[f"{k}_step_peak_delta_mib"] / runs["hf_zero"][f"{k}_step_peak_delta_mib"]
+                    for k in ("first", "second")
+                )
+                note += f"; over `hf_zero`: **{first:.2f}x** / **{second:.2f}x**"
             rows.append(
                 (
                     f"peak RSS growth of a step, `{name}`",
                     f"{run['first_step_peak_delta_mib']:.0f} / "
                     f"{run['second_step_peak_delta_mib']:.0f} MiB",
-                    f"first step (allocates AdamW state) / second step; RSS before "
-                    f"{run['rss_before_mib']:.0f} MiB",
+                    note,
                 )
             )
     ck = res.get("checkpoint")

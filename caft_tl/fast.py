@@ -1,0 +1,394 @@
+"""Faster forward passes for ``HookedTransformer`` components, with every hook name kept.
+
+TransformerLens 3.x computes some layers in ways that cost time on every forward:
+
+* ``GatedMLP`` and ``Unembed`` call ``F.linear(x, W.T.contiguous())``: a full copy of each
+  weight per forward (about 430 MB for SmolLM2-135M, half of a decoding step's time, and
+  the copies are kept for the backward pass);
+* attention materialises the ``[batch, head, query, key]`` scores and pattern, masks them
+  with ``torch.where`` and expands grouped key/value heads with ``repeat_interleave``;
+* a transformer block applies ``ln1`` three times (for queries, keys and values) even when
+  the three inputs are the same tensor.
+
+:func:`accelerate` gives these modules subclasses whose ``forward`` takes a shorter path
+*only when nothing can tell the difference*: the weights, parameter names, state dict and
+hook points stay the same, and a module falls back to TransformerLens's own ``forward``
+whenever a hook is attached to an activation the short path does not compute (the
+attention scores and pattern, ``ln1``'s scale and output) or the configuration uses a
+feature the short path does not implement (soft-capping, local attention, attention sinks,
+``use_attn_result``, split q/k/v inputs, post-norm blocks, ...). So ``run_with_cache``,
+``hook_pattern`` hooks and every other TransformerLens tool behave as before, while
+fine-tuning, caching at the residual stream and generation take the short path.
+
+Results agree with the plain ``HookedTransformer`` to float rounding (tested at 1e-4
+relative on logits and gradients in fp32, see ``tests/test_fast.py``); they are not bitwise
+identical, because scaled-dot-product attention and an un-transposed matmul accumulate in a
+different order.
+
+:func:`caft_tl.load_model` and :func:`caft_tl.models.tiny` return accelerated models
+(``fast=False`` opts out); :func:`accelerate` with ``enable=False`` reverts a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.components import (
+    Attention,
+    GatedMLP,
+    GroupedQueryAttention,
+    TransformerBlock,
+    Unembed,
+)
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities.activation_functions import softcap_enabled
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+__all__ = ["accelerate", "is_accelerated"]
+
+_QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def _affine(
+    x: Float[Tensor, "... d_in"], w: Float[Tensor, "d_in d_out"], b: Tensor | None = None
+) -> Float[Tensor, "... d_out"]:
+    """``x @ w + b`` as one GEMM on the weight as stored (``[in, out]``): no copy of ``w``
+    forward, and a contiguous weight gradient backward."""
+    if x.device != w.device:
+        x = x.to(w.device)
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat @ w if b is None else torch.addmm(b, flat, w)
+    return out.view(*x.shape[:-1], w.shape[-1])
+
+
+def _hooked(*points: nn.Module | None) -> bool:
+    """Whether any hook (TransformerLens or plain PyTorch, either direction) is attached."""
+    return any(
+        p is not None
+        and bool(
+            p._forward_hooks or p._forward_pre_hooks or p._backward_hooks or p._backward_pre_hooks
+        )
+        for p in points
+    )
+
+
+# --------------------------------------------------------------------------- MLP, unembed
+
+
+class FastGatedMLP(GatedMLP):
+    """``GatedMLP`` without the per-forward transposed weight copies."""
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        if self.cfg.is_layer_norm_activation():  # SoLU-style MLPs: TransformerLens's path
+            return super().forward(x)
+        pre_act = self.hook_pre(_affine(x, self.W_gate))
+        pre_linear = self.hook_pre_linear(_affine(x, self.W_in))
+        post_act = self.hook_post(self.act_fn(pre_act) * pre_linear + self.b_in)
+        return _affine(post_act, self.W_out, self.b_out)
+
+
+class FastUnembed(Unembed):
+    """``Unembed`` without copying the ``[d_model, d_vocab]`` matrix on every forward."""
+
+    def forward(
+        self, residual: Float[Tensor, "batch pos d_model"]
+    ) -> Float[Tensor, "batch pos d_vocab_out"]:
+        return self.hook_out(_affine(self.hook_in(residual), self.W_U, self.b_U))
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _attention_fast_ok(self: Any, additive_attention_mask: Any, position_bias: Any) -> bool:
+    cfg = self.cfg
+    return (
+        additive_attention_mask is None
+        and position_bias is None
+        and not _hooked(self.hook_attn_scores, self.hook_pattern)
+        and cfg.positional_embedding_type in ("rotary", "standard", "shortformer")
+        and (self._attention_dir_override or cfg.attention_dir) == "causal"
+        and self.attn_type == "global"
+        and not softcap_enabled(cfg.attn_scores_soft_cap)
+        and not cfg.use_attention_sinks
+        and not (cfg.use_logn_attn and not self.training)
+        and not cfg.use_attn_result
+        and not cfg.use_split_qkv_input
+        and not cfg.use_attn_in
+        and not cfg.load_in_4bit
+        and cfg.clip_qkv is None
+        and cfg.original_architecture not in _QK_NORM_ARCHITECTURES
+    )
+
+
+def _attention_forward(
+    self: Any,
+    query_input: Float[Tensor, "batch pos d_model"],
+    key_input: Float[Tensor, "batch kv_pos d_model"],
+    value_input: Float[Tensor, "batch kv_pos d_model"],
+    past_kv_cache_entry: Any = None,
+    additive_attention_mask: Tensor | None = None,
+    attention_mask: Int[Tensor, "batch offset_pos"] | None = None,
+    position_bias: Tensor | None = None,
+) -> Float[Tensor, "batch pos d_model"]:
+    if not _attention_fast_ok(self, additive_attention_mask, position_bias):
+        return self._plain.forward(
+            self,
+            query_input,
+            key_input,
+            value_input,
+            past_kv_cache_entry=past_kv_cache_entry,
+            additive_attention_mask=additive_attention_mask,
+            attention_mask=attention_mask,
+            position_bias=position_bias,
+        )
+    q, k, v = _qkv(self, query_input, key_input, value_input)
+    offset, rotated_past = 0, None
+    entry = past_kv_cache_entry
+    if entry is not None:
+        offset = entry.past_keys.size(1)
+        rotated_past = _rotated_past_keys(entry, attention_mask)
+        k, v = entry.append(k, v)
+    if self.cfg.positional_embedding_type == "rotary":
+        q = self.hook_rot_q(self.apply_rotary(q, offset, attention_mask))
+        if rotated_past is None:
+            k = self.apply_rotary(k, 0, attention_mask)
+        else:
+            new = self.apply_rotary(k[:, offset:], offset, attention_mask)
+            k = torch.cat([rotated_past, new], dim=1)
+        if entry is not None and not entry.frozen:
+            _remember_rotated_keys(entry, k, attention_mask)
+        k = self.hook_rot_k(k)
+    z = self.hook_z(_sdpa(q, k, v, offset, attention_mask, 1.0 / self.attn_scale))
+    n_heads, d_head, d_model = self.W_O.shape
+    w_o = self.W_O.reshape(n_heads * d_head, d_model)  # a view: W_O is contiguous
+    return _affine(z.reshape(*z.shape[:2], n_heads * d_head), w_o, self.b_O)
+
+
+# Up to this many token rows, q/k/v are projected head by head with one batched GEMM on the
+# weights as stored ([head, d_model, d_head]); TransformerLens rearranges each weight into a
+# [head * d_head, d_model] copy first, which costs more than the product itself when few
+# tokens go through (decoding: 3-4x per projection here). With many rows one big GEMM on the
+# copy wins, so training keeps TransformerLens's projection. Measured on 2 CPU threads,
+# SmolLM2-135M shapes: break-even between 128 and 256 rows.
+_PER_HEAD_MAX_ROWS = 128
+
+
+def _per_head(
+    x: Float[Tensor, "batch pos d_model"],
+    w: Float[Tensor, "head d_model d_head"],
+    b: Float[Tensor, "head d_head"],
+) -> Float[Tensor, "batch pos head d_head"]:
+    batch, pos, d_model = x.shape
+    n_heads, _, d_head = w.shape
+    if x.device != w.device:
+        x = x.to(w.device)
+    rows = x.reshape(batch * pos, d_model).expand(n_heads, batch * pos, d_model)
+    out = torch.baddbmm(b[:, None, :], rows, w)  # [head, batch * pos, d_head]
+    return out.view(n_heads, batch, pos, d_head).permute(1, 2, 0, 3)
+
+
+def _qkv(
+    self: Any,
+    query_input: Float[Tensor, "batch pos d_model"],
+    key_input: Float[Tensor, "batch kv_pos d_model"],
+    value_input: Float[Tensor, "batch kv_pos d_model"],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """TransformerLens's ``calculate_qkv_matrices`` (same hooks, same values), with the
+    per-head GEMM for short inputs."""
+    grouped = isinstance(self, GroupedQueryAttention)
+    rows = max(t.shape[0] * t.shape[1] for t in (query_input, key_input, value_input))
+    if rows > _PER_HEAD_MAX_ROWS or (grouped and self.cfg.ungroup_grouped_query_attention):
+        return self.calculate_qkv_matrices(query_input, key_input, value_input)
+    if grouped:  # the un-repeated key/value heads, as TransformerLens's GQA uses them
+        w_k, b_k, w_v, b_v = self._W_K, self._b_K, self._W_V, self._b_V
+    else:
+        w_k, b_k, w_v, b_v = self.W_K, self.b_K, self.W_V, self.b_V
+    q = self.hook_q(_per_head(query_input, self.W_Q, self.b_Q))
+    k = self.hook_k(_per_head(key_input, w_k, b_k))
+    v = self.hook_v(_per_head(value_input, w_v, b_v))
+    if self.cfg.use_qk_norm:
+        q = self._apply_qk_norm(q, self.q_norm)
+        k = self._apply_qk_norm(k, self.k_norm)
+    return q, k, v
+
+
+# TransformerLens caches keys before the rotary embedding and rotates all of them again at
+# every decoding step (a third of a SmolLM2 layer's non-GEMM time at 100 cached tokens). The
+# cache keeps that layout, so TransformerLens's own forward can continue any cache; the
+# rotated keys are remembered beside it, on the cache entry, and reused only while the entry
+# still holds the very tensor they were computed from (same object, same in-place version)
+# under the same attention mask: anything else (rows dropped from the batch, a frozen or
+# edited cache) rotates everything again.
+_ROTATED = "_caft_tl_rotated_keys"
+
+
+def _rotated_past_keys(entry: Any, attention_mask: Tensor | None) -> Tensor | None:
+    memo = getattr(entry, _ROTATED, None)
+    if memo is None:
+        return None
+    source, version, rotated, mask = memo
+    if source is not entry.past_keys or source._version != version:
+        return None
+    if (mask is None) != (attention_mask is None):
+        return None
+    if mask is not None:
+        prefix = attention_mask[:, : mask.shape[1]]
+        if prefix.shape != mask.shape or not torch.equal(prefix.to(mask.device), mask):
+            return None
+    return rotated
+
+
+def _remember_rotated_keys(entry: Any, rotated: Tensor, attention_mask: Tensor | None) -> None:
+    past = entry.past_keys
+    if past.is_inference():  # no version counter: an in-place edit could not be noticed
+        return
+    mask = None if attention_mask is None else attention_mask[:, : past.shape[1]].clone()
+    setattr(entry, _ROTATED, (past, past._version, rotated, mask))
+
+
+def _sdpa(
+    q: Float[Tensor, "batch pos head d_head"],
+    k: Float[Tensor, "batch kv_pos kv_head d_head"],
+    v: Float[Tensor, "batch kv_pos kv_head d_head"],
+    offset: int,
+    attention_mask: Int[Tensor, "batch kv_pos"] | None,
+    scale: float,
+) -> Float[Tensor, "batch pos head d_head"]:
+    """Causal attention with TransformerLens's masking semantics.
+
+    A query may attend to key ``j`` when ``j <= offset + i`` and, with an attention mask,
+    when key ``j`` is not padding. A query with no key left (a left-padding position)
+    gets ``z = 0``, as TransformerLens's ``nan -> 0`` pattern gives it.
+    """
+    q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head, pos, d_head]
+    # Grouped-query attention: SDPA shares each k/v head without a repeated copy.
+    gqa = k_.shape[1] != q_.shape[1]
+    n_q, n_k = q_.shape[2], k_.shape[2]
+    if attention_mask is None and offset == 0 and n_q == n_k:
+        z = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale, enable_gqa=gqa)
+        return z.transpose(1, 2)
+    query_pos = torch.arange(offset, offset + n_q, device=q.device)
+    allowed = torch.arange(n_k, device=q.device)[None, :] <= query_pos[:, None]
+    allowed = allowed[None, None]  # [1, 1, query, key]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, -n_k:].to(q.device, torch.bool)
+    dead = ~allowed.any(-1, keepdim=True)  # [batch, 1, query, 1]
+    has_dead = bool(dead.any())
+    if has_dead:
+        # Let dead rows attend everywhere (finite softmax), then zero them: their gradient
+        # is then exactly zero, as in TransformerLens, instead of NaN.
+        allowed = allowed | dead
+    z = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    if has_dead:
+        z = z.masked_fill(dead, 0.0)
+    return z.transpose(1, 2)
+
+
+# The forward is shared by assignment, not through a mixin base: a class with an extra base
+# cannot take over an existing instance by ``__class__`` assignment.
+class FastAttention(Attention):
+    """``Attention`` with the scaled-dot-product path (see the module docstring)."""
+
+    _plain = Attention  # the fallback: TransformerLens's own forward
+    forward = _attention_forward
+
+
+class FastGroupedQueryAttention(GroupedQueryAttention):
+    """``GroupedQueryAttention`` with the scaled-dot-product path."""
+
+    _plain = GroupedQueryAttention
+    forward = _attention_forward
+
+
+# --------------------------------------------------------------------------- block
+
+
+class FastTransformerBlock(TransformerBlock):
+    """``TransformerBlock`` that normalises the attention input once, not three times."""
+
+    def _fast_ok(self, shortformer_pos_embed: Tensor | None) -> bool:
+        cfg = self.cfg
+        return (
+            shortformer_pos_embed is None
+            and not cfg.use_attn_in
+            and not cfg.use_split_qkv_input
+            and not cfg.use_hook_mlp_in
+            and not cfg.use_normalization_before_and_after
+            and not cfg.attn_only
+            and not cfg.parallel_attn_mlp
+            and cfg.original_architecture not in POST_NORM_ARCHITECTURES
+            and not _hooked(*self.ln1.modules())
+        )
+
+    def forward(
+        self,
+        resid_pre: Float[Tensor, "batch pos d_model"],
+        shortformer_pos_embed: Tensor | None = None,
+        past_kv_cache_entry: Any = None,
+        attention_mask: Int[Tensor, "batch offset_pos"] | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        if not self._fast_ok(shortformer_pos_embed):
+            return super().forward(
+                resid_pre,
+                shortformer_pos_embed=shortformer_pos_embed,
+                past_kv_cache_entry=past_kv_cache_entry,
+                attention_mask=attention_mask,
+            )
+        resid_pre = self.hook_resid_pre(resid_pre)
+        normed = self.ln1(resid_pre)
+        attn_out = self.hook_attn_out(
+            self.attn(
+                query_input=normed,
+                key_input=normed,
+                value_input=normed,
+                past_kv_cache_entry=past_kv_cache_entry,
+                attention_mask=attention_mask,
+            )
+        )
+        if resid_pre.device != attn_out.device:
+            resid_pre = resid_pre.to(attn_out.device)
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp_out = self.apply_mlp(self.ln2(resid_mid))
+        return self.hook_resid_post(resid_mid + mlp_out)
+
+
+# --------------------------------------------------------------------------- switching
+
+_FAST: dict[type, type] = {
+    GatedMLP: FastGatedMLP,
+    Unembed: FastUnembed,
+    Attention: FastAttention,
+    GroupedQueryAttention: FastGroupedQueryAttention,
+    TransformerBlock: FastTransformerBlock,
+}
+_PLAIN: dict[type, type] = {fast: plain for plain, fast in _FAST.items()}
+
+
+def accelerate(model: nn.Module, enable: bool = True) -> nn.Module:
+    """Switch a ``HookedTransformer``'s components to the fast paths (in place).
+
+    Only modules whose class is exactly a TransformerLens class listed here change (their
+    ``__class__`` becomes a subclass with another ``forward``; parameters, buffers, hook
+    points and the state dict are untouched). ``enable=False`` restores the TransformerLens
+    classes. Modules that LoRA has parametrised are left as they are: accelerate before
+    :func:`caft_tl.lora.apply_lora` (``load_model`` does).
+
+    Returns the model, so ``accelerate(HookedTransformer(cfg))`` reads naturally.
+    """
+    table = _FAST if enable else _PLAIN
+    for module in model.modules():
+        if isinstance(module, HookPoint):
+            continue
+        target = table.get(type(module))
+        if target is not None:
+            module.__class__ = target
+    return model
+
+
+def is_accelerated(model: nn.Module) -> bool:
+    """Whether any module of ``model`` uses a fast path class."""
+    return any(type(m) in _PLAIN for m in model.modules())
