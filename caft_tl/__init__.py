@@ -1,6 +1,6 @@
 """caft-tl: Concept Ablation Fine-Tuning (CAFT) and model diffing on TransformerLens."""
 
-from caft_tl import compare, data, diagnostics, directions, evals, models, tasks
+from caft_tl import compare, data, diagnostics, directions, distributed, evals, fast, models, tasks
 from caft_tl.activations import ActivationDiff, Activations, activation_diff, cache_activations
 from caft_tl.directions import ConceptSet
 from caft_tl.interventions import Ablation, Steering, load_intervention
@@ -22,8 +22,10 @@ __all__ = [
     "data",
     "diagnostics",
     "directions",
+    "distributed",
     "evals",
     "evaluate_loss",
+    "fast",
     "finetune",
     "load_intervention",
     "load_model",

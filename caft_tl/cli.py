@@ -238,8 +238,10 @@ def _finished_step(out: Path) -> int | None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from caft_tl import distributed
     from caft_tl.train import finetune
 
+    distributed.setup()  # under torchrun: join the process group (no-op otherwise)
     out = Path(args.out)
     if (out / "run.json").exists() and not args.resume:
         raise FileExistsError(
@@ -250,7 +252,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     data = _read_train_data(args.data, "DATA")
     eval_data = None if args.eval_data is None else _read_train_data(args.eval_data, "--eval-data")
-    model = _load(args.model, args.device)
+    with distributed.main_first():  # one rank converts the embedded model into the cache
+        model = _load(args.model, args.device)
     intervention = _intervention(args, model, data)
     done = _finished_step(out) if args.resume else None
     steps: list[dict] = []
@@ -264,6 +267,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         resume=args.resume,
         callback=steps.append,
     )
+    if not distributed.is_main():
+        return 0
     if done is not None and not steps:
         print(f"{out} already finished at step {done}; nothing left to train")
     elif steps:

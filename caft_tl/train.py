@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -50,6 +51,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import apply_softcap
 
+from caft_tl import distributed as dist
 from caft_tl._io import atomic_folder, dataclass_from_dict, read_json, read_tensors, write_tensors
 from caft_tl.data.chat import (
     DataError,
@@ -108,6 +110,9 @@ class TrainConfig:
     decay applies to matrices only (not to norm weights or biases). ``lora`` trains low-rank
     adapters instead of all weights; ``keep_checkpoints`` lists steps whose model is kept
     as ``out/step-N/`` (e.g. for a "learned less" control: a plain run stopped early).
+    A step sees ``batch_size * grad_accum`` examples, in forwards of at most ``batch_size``;
+    under ``torchrun`` those examples are shared among the ranks, so the step is the same
+    at any number of processes.
     """
 
     epochs: int = 1
@@ -286,7 +291,9 @@ def masked_loss_sum(
 
 
 def target_loss_sum(
-    model: HookedTransformer, batch: Mapping[str, Tensor]
+    model: HookedTransformer,
+    batch: Mapping[str, Tensor],
+    forward: Callable[..., Tensor] | None = None,
 ) -> tuple[Float[Tensor, ""], int]:
     """:func:`masked_loss_sum` of the model on ``batch``, unembedding only the positions
     that predict a target.
@@ -295,10 +302,11 @@ def target_loss_sum(
     choice) the ``[batch, pos, vocab]`` logits, about 12% of a SmolLM2 step and most of its
     activation memory, shrink to ``[targets, vocab]``. ``ln_final`` and ``unembed`` (and any
     hooks on them) see the target positions only, as a ``[1, targets, d_model]`` batch.
+    ``forward``: what runs the blocks (a ``DistributedDataParallel`` wrapping ``model``).
     """
     targets = batch["loss_mask"][:, 1:].bool()
     # The attention mask is explicit: the pad id may be a real token (SmolLM2's <|im_end|>).
-    resid = model(
+    resid = (forward or model)(
         batch["input_ids"],
         attention_mask=batch["attention_mask"],
         stop_at_layer=model.cfg.n_layers,
@@ -593,8 +601,15 @@ def finetune(
 
     With ``cfg.lora`` only the adapters train, and the returned model has them merged (a
     plain HookedTransformer, as trainable as the given one).
+
+    Under ``torchrun`` (see :mod:`caft_tl.distributed`) every rank calls this with the same
+    arguments: the model trains through ``DistributedDataParallel``, each rank takes every
+    ``world_size``-th example of each step, and the update equals a single process's with
+    the same config (the global batch is ``batch_size * grad_accum`` examples at any number
+    of ranks). Rank 0 writes ``out``; every rank returns the trained model.
     """
     cfg = cfg or TrainConfig()
+    dist.setup()
     if resume and out is None:
         raise ValueError("resume=True needs out= (the folder holding the checkpoint)")
     _check_lora_request(model, cfg, out)
@@ -608,8 +623,9 @@ def finetune(
         )
     if not cfg.in_place:
         model = copy.deepcopy(model)
-    if cfg.device is not None and torch.device(cfg.device) != next(model.parameters()).device:
-        model.to(cfg.device, print_details=False)
+    target_device = dist.device() if dist.is_distributed() else cfg.device
+    if target_device is not None and torch.device(target_device) != next(model.parameters()).device:
+        model.to(target_device, print_details=False)
     device = next(model.parameters()).device
     base_fp = _weights_fingerprint(model) if cfg.lora is not None and out is not None else None
     if cfg.lora is not None:
@@ -646,13 +662,15 @@ def finetune(
             intervention,
             base_fp,
         )
-        _check_out(out_dir, identity, resume)
+        _check_out_on_main(out_dir, identity, resume)
         if resume and (out_dir / "checkpoint" / STATE_FILE).exists():
             state = _load_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler)
             step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / RUN_FILE).write_text(json.dumps(identity, indent=2))
-        _keep_metrics_through(out_dir / METRICS_FILE, step)
+        if dist.is_main():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / RUN_FILE).write_text(json.dumps(identity, indent=2))
+            _keep_metrics_through(out_dir / METRICS_FILE, step)
+        out_dir = out_dir if dist.is_main() else None  # the other ranks write nothing
 
     def evaluate() -> float:
         with _applied(intervention if cfg.keep_intervention_at_eval else None, model):
@@ -660,27 +678,37 @@ def finetune(
 
     # ---- the loop --------------------------------------------------------------------------
     started = time.perf_counter()
-    bar = tqdm(total=total, initial=step, disable=not cfg.progress, desc="finetune")
+    bar = tqdm(
+        total=total, initial=step, disable=not (cfg.progress and dist.is_main()), desc="finetune"
+    )
     was_training = model.training
     model.train()
+    ddp = _data_parallel(model)
     try:
         while step < total:
             epoch, position = divmod(step, steps_per_epoch)
             order = _epoch_order(len(ids), cfg.seed, epoch)
             index = order[position * per_step : (position + 1) * per_step]
-            micro = _micro_batches(ids, masks, index, cfg.batch_size, pad, device)
-            n_targets = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)
+            # Every rank knows the whole step, so the loss is normalised by all its targets.
+            n_targets = sum(sum(masks[i][1:]) for i in index)
+            mine, weight = _rank_share(index)
+            micro = _micro_batches(ids, masks, mine, cfg.batch_size, pad, device)
             lr = scheduler.get_last_lr()[0]
 
             # One update: hooks on only for these forward/backward passes.
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             with torch.enable_grad(), _applied(intervention, model):
-                for batch in micro:
-                    with _autocast(device):
-                        loss, _ = target_loss_sum(model, batch)
-                    (loss / n_targets).backward()  # normalised by the whole step's targets
-                    step_loss += loss.item()
+                for j, batch in enumerate(micro):
+                    # Gradients are exchanged once per step, after the last micro-batch.
+                    last = ddp is None or j == len(micro) - 1
+                    with nullcontext() if last else ddp.no_sync(), _autocast(device):
+                        loss, _ = target_loss_sum(model, batch, forward=ddp)
+                    # DDP averages over ranks; ``weight`` (world size, or 0 for a rank with
+                    # nothing to do this step) makes that the sum a single process computes.
+                    (loss / n_targets * weight).backward()
+                    step_loss += loss.item() if weight else 0.0
+            step_loss = dist.sum_over_ranks(step_loss)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for g in optimizer.param_groups for p in g["params"]],
                 cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf,
@@ -719,6 +747,10 @@ def finetune(
                     )
                 if step in (cfg.keep_checkpoints or ()):
                     _keep_snapshot(out_dir, model, step)
+            if out is not None and _saves_at(cfg, step, total):
+                # A rank that stops after this step (killed, or a callback raising) must
+                # not take the group down before rank 0's checkpoint is on disk.
+                dist.barrier()
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
             if callback is not None:
@@ -732,4 +764,53 @@ def finetune(
 
     if out_dir is not None:
         save_model(model, out_dir / "final", metadata={"train_config": cfg.to_dict()})
+    dist.barrier()  # every rank returns once the final model is written
     return model
+
+
+def _saves_at(cfg: TrainConfig, step: int, total: int) -> bool:
+    return (
+        step == total
+        or (cfg.save_every is not None and step % cfg.save_every == 0)
+        or step in (cfg.keep_checkpoints or ())
+    )
+
+
+def _data_parallel(model: HookedTransformer) -> Any:
+    """``DistributedDataParallel`` over ``model`` under torchrun, else ``None``."""
+    if not dist.is_distributed():
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    # Buffers (rotary tables, causal masks) are constants: syncing them every forward would
+    # move tens of MB for nothing. Construction broadcasts rank 0's weights once. (Newer
+    # torch renames the switch and deprecates the old name.)
+    params = inspect.signature(DistributedDataParallel).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False}
+    )
+
+
+def _rank_share(index: list[int]) -> tuple[list[int], float]:
+    """This rank's examples of a step and the weight of its loss. A rank left without an
+    example (a short last step) runs one with weight 0, so every rank joins the exchange."""
+    if not dist.is_distributed():
+        return index, 1.0
+    mine = index[dist.rank() :: dist.world_size()]
+    return (mine, float(dist.world_size())) if mine else (index[:1], 0.0)
+
+
+def _check_out_on_main(out: Path, identity: dict, resume: bool) -> None:
+    """:func:`_check_out` on rank 0, its verdict raised on every rank (the others must not
+    look: rank 0 writes the run file right after)."""
+    error = None
+    if dist.is_main():
+        try:
+            _check_out(out, identity, resume)
+        except (FileExistsError, ValueError, OSError) as exc:
+            error = exc
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise error

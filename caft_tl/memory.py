@@ -1,0 +1,198 @@
+"""How much memory a caft-tl fine-tune needs per device: plan a run before renting GPUs.
+
+:func:`estimate_finetune_memory` counts what :func:`caft_tl.finetune` keeps on each device,
+from the model's configuration alone (no weights are loaded):
+
+* **weights**: every parameter in the model's dtype (each data-parallel rank holds a
+  full replica: caft-tl trains with DDP, not FSDP);
+* **trainable state**: gradients in the model's dtype plus AdamW's two moments (in the
+  parameter's dtype, as ``torch.optim.AdamW`` keeps them), for all weights, or for the LoRA
+  adapters only;
+* **LoRA merged weights**: caft-tl's LoRA is a parametrisation, so each targeted matrix
+  ``W + scale * B A`` is materialised per forward and kept for the backward pass: one extra
+  copy of every targeted matrix;
+* **activations** saved for the backward pass, per token and layer (with
+  scaled-dot-product attention nothing quadratic in the sequence is stored): the block input,
+  normalised input, q / k / v, attention output, residual midpoint, second normalised input,
+  and the MLP's gate, up, activation and product (``7 d_model + 2 kv_width + 4 d_mlp``
+  numbers; bf16 under autocast on GPU, else the model's dtype);
+* **logits**: the unembedding of the target positions in float32 and its gradient
+  (``2 x targets x d_vocab x 4`` bytes; caft-tl unembeds only the positions that predict a
+  target, so this is an upper bound when every token is one).
+
+On top of this come the CUDA context and allocator slack (about 1-3 GiB per GPU): the
+estimate's ``total`` leaves them out and :meth:`MemoryEstimate.table` says so. Weights,
+gradients, AdamW state and LoRA copies match the tensors a real step allocates, byte for
+byte (``tests/test_memory.py``, tiny models and the embedded one); the activation count is
+an estimate (it ignores temporaries freed during the forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["MemoryEstimate", "count_parameters", "estimate_finetune_memory"]
+
+GIB = 2**30
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device, by what holds them (see the module docstring)."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    lora_merged: int
+    activations: int
+    logits: int
+    n_params: int
+    n_trainable: int
+
+    @property
+    def total(self) -> int:
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.lora_merged
+            + self.activations
+            + self.logits
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        parts = ("weights", "gradients", "optimizer", "lora_merged", "activations", "logits")
+        return {**{k: getattr(self, k) for k in parts}, "total": self.total,
+                "n_params": self.n_params, "n_trainable": self.n_trainable}  # fmt: skip
+
+    def table(self) -> str:
+        """A Markdown table in GiB."""
+        rows = ["| per device | GiB |", "| --- | ---: |"]
+        for key, value in self.to_dict().items():
+            if key.startswith("n_"):
+                continue
+            rows.append(f"| {key.replace('_', ' ')} | {value / GIB:.2f} |")
+        rows.append("| (plus CUDA context and allocator slack, about 1-3 GiB per GPU) | |")
+        return "\n".join(rows)
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
+
+
+def _shape(cfg: Any) -> dict[str, int]:
+    d_model, n_heads, n_layers = _get(cfg, "d_model"), _get(cfg, "n_heads"), _get(cfg, "n_layers")
+    if not all(isinstance(v, int) and v > 0 for v in (d_model, n_heads, n_layers)):
+        raise ValueError("the config needs positive integers d_model, n_heads and n_layers")
+    d_head = _get(cfg, "d_head") or d_model // n_heads
+    n_kv = _get(cfg, "n_key_value_heads") or n_heads
+    return {
+        "d_model": d_model,
+        "n_layers": n_layers,
+        "q_width": n_heads * d_head,
+        "kv_width": n_kv * d_head,
+        "d_mlp": _get(cfg, "d_mlp") or 4 * d_model,
+        "d_vocab": _get(cfg, "d_vocab"),
+        "gated": bool(_get(cfg, "gated_mlp", False)),
+        "tied": bool(_get(cfg, "tie_word_embeddings", False)),
+    }
+
+
+def _matrices(s: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """``{TransformerLens weight name: (d_in, d_out)}`` of one block."""
+    out = {
+        "W_Q": (s["d_model"], s["q_width"]),
+        "W_K": (s["d_model"], s["kv_width"]),
+        "W_V": (s["d_model"], s["kv_width"]),
+        "W_O": (s["q_width"], s["d_model"]),
+        "W_in": (s["d_model"], s["d_mlp"]),
+        "W_out": (s["d_mlp"], s["d_model"]),
+    }
+    if s["gated"]:
+        out["W_gate"] = (s["d_model"], s["d_mlp"])
+    return out
+
+
+def count_parameters(cfg: Any) -> int:
+    """Weights of a decoder-only model from its TransformerLens-style config (a
+    ``HookedTransformerConfig``, a model's ``cfg`` or a dict with the same names). Counts
+    matrices, biases of q/k/v/o and the MLP (TransformerLens keeps them, zero for Llama-style
+    models) and norm weights; a tied unembedding counts once."""
+    s = _shape(cfg)
+    if not isinstance(s["d_vocab"], int) or s["d_vocab"] < 1:
+        raise ValueError("the config needs a positive integer d_vocab")
+    block = sum(i * o for i, o in _matrices(s).values())
+    block += s["q_width"] + 2 * s["kv_width"] + s["d_model"]  # b_Q, b_K, b_V, b_O
+    block += s["d_mlp"] + s["d_model"]  # b_in, b_out
+    block += 2 * s["d_model"]  # ln1.w, ln2.w
+    embed = s["d_vocab"] * s["d_model"]
+    unembed = s["d_vocab"] + (0 if s["tied"] else s["d_vocab"] * s["d_model"])  # + b_U
+    return s["n_layers"] * block + embed + unembed + s["d_model"]  # + ln_final.w
+
+
+def _lora_sizes(s: dict[str, int], lora: Any) -> tuple[int, int]:
+    """(adapter parameters, elements of the targeted matrices) over the adapted blocks."""
+    mats = _matrices(s)
+    unknown = [t for t in lora.targets if t not in mats]
+    if unknown:
+        raise ValueError(f"LoRA targets {unknown} are not weights of this model: {sorted(mats)}")
+    layers = s["n_layers"] if lora.layers is None else len(lora.layers)
+    adapters = sum(lora.r * (mats[t][0] + mats[t][1]) for t in lora.targets)
+    targeted = sum(mats[t][0] * mats[t][1] for t in lora.targets)
+    return layers * adapters, layers * targeted
+
+
+def estimate_finetune_memory(
+    cfg: Any,
+    *,
+    batch_size: int,
+    seq_len: int,
+    dtype: torch.dtype | str = torch.float32,
+    lora: Any = None,
+    autocast_bf16: bool | None = None,
+) -> MemoryEstimate:
+    """Memory per device of one :func:`caft_tl.finetune` step (single device, or each rank
+    under ``torchrun``: DDP replicates the model).
+
+    Args:
+        cfg: the model's TransformerLens config (``model.cfg``, a ``HookedTransformerConfig``
+            or a dict with ``d_model, n_layers, n_heads, d_head, n_key_value_heads, d_mlp,
+            d_vocab, gated_mlp, tie_word_embeddings``).
+        batch_size: examples per forward (``TrainConfig.batch_size``; gradient accumulation
+            does not add activations).
+        seq_len: tokens per example (the padded length).
+        dtype: the model's parameter dtype (``load_model(dtype=...)``).
+        lora: a :class:`caft_tl.LoraConfig` when only adapters train.
+        autocast_bf16: activations in bf16 (``finetune`` autocasts on CUDA); default: when
+            ``dtype`` is float32, as on a GPU, else activations in ``dtype``.
+    """
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError("batch_size and seq_len must be >= 1")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    width = torch.empty((), dtype=dtype).element_size()
+    s = _shape(cfg)
+    n_params = count_parameters(cfg)
+    if lora is None:
+        n_trainable, merged = n_params, 0
+    else:
+        n_trainable, targeted = _lora_sizes(s, lora)
+        merged = targeted * width
+    autocast = (dtype == torch.float32) if autocast_bf16 is None else autocast_bf16
+    act_width = 2 if autocast else width
+    tokens = batch_size * seq_len
+    per_token_layer = 7 * s["d_model"] + 2 * s["kv_width"] + 4 * s["d_mlp"]
+    return MemoryEstimate(
+        weights=n_params * width,
+        gradients=n_trainable * width,
+        optimizer=2 * n_trainable * width,
+        lora_merged=merged,
+        activations=tokens * s["n_layers"] * per_token_layer * act_width,
+        logits=2 * tokens * s["d_vocab"] * 4,
+        n_params=n_params,
+        n_trainable=n_trainable,
+    )
