@@ -734,7 +734,7 @@ def finetune(
             if out_dir is not None:
                 with open(out_dir / METRICS_FILE, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                if step == total or (cfg.save_every is not None and step % cfg.save_every == 0):
+                if _checkpoints_at(cfg, step, total):
                     state = {
                         "step": step,
                         "epoch": epoch,
@@ -768,12 +768,13 @@ def finetune(
     return model
 
 
+def _checkpoints_at(cfg: TrainConfig, step: int, total: int) -> bool:
+    return step == total or (cfg.save_every is not None and step % cfg.save_every == 0)
+
+
 def _saves_at(cfg: TrainConfig, step: int, total: int) -> bool:
-    return (
-        step == total
-        or (cfg.save_every is not None and step % cfg.save_every == 0)
-        or step in (cfg.keep_checkpoints or ())
-    )
+    """Whether rank 0 writes anything after ``step`` (a checkpoint or a kept snapshot)."""
+    return _checkpoints_at(cfg, step, total) or step in (cfg.keep_checkpoints or ())
 
 
 def _data_parallel(model: HookedTransformer) -> Any:
