@@ -26,11 +26,14 @@ identical, because scaled-dot-product attention and an un-transposed matmul accu
 different order.
 
 :func:`caft_tl.load_model` and :func:`caft_tl.models.tiny` return accelerated models
-(``fast=False`` opts out); :func:`accelerate` with ``enable=False`` reverts a model.
+(``fast=False`` opts out); :func:`accelerate` with ``enable=False`` reverts a model, and
+``with plain_forward(model):`` does so for a block of code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -48,7 +51,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.activation_functions import softcap_enabled
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-__all__ = ["accelerate", "is_accelerated"]
+__all__ = ["accelerate", "is_accelerated", "plain_forward"]
 
 _QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
@@ -392,3 +395,16 @@ def accelerate(model: nn.Module, enable: bool = True) -> nn.Module:
 def is_accelerated(model: nn.Module) -> bool:
     """Whether any module of ``model`` uses a fast path class."""
     return any(type(m) in _PLAIN for m in model.modules())
+
+
+@contextmanager
+def plain_forward(model: nn.Module) -> Iterator[nn.Module]:
+    """TransformerLens's own forward inside the ``with`` block (e.g. to compare or time the
+    two paths on one model); the fast paths return afterwards if they were on before."""
+    was_fast = is_accelerated(model)
+    accelerate(model, enable=False)
+    try:
+        yield model
+    finally:
+        if was_fast:
+            accelerate(model)

@@ -33,6 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components import Unembed
+from transformer_lens.utilities import apply_softcap
 
 from caft_tl._io import atomic_folder, write_tensors
 from caft_tl.fast import accelerate
@@ -558,6 +559,18 @@ def _load_checkpoint(path: Path, device: str, dtype: torch.dtype) -> HookedTrans
     return model.eval()
 
 
+def logits_from_residual(
+    model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"]
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """What ``model``'s forward does after its last block (``ln_final``, ``unembed``, logit
+    soft-capping), for a residual stream from ``model(..., stop_at_layer=n_layers)``: lets
+    a caller unembed only the positions it needs. Hooks on ``ln_final`` and ``unembed`` see
+    those positions only."""
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
+
+
 # --------------------------------------------------------------------------- tied embeddings
 
 
@@ -565,7 +578,7 @@ class TiedUnembed(Unembed):
     """The unembedding of a model whose input and output embeddings are one matrix.
 
     TransformerLens gives every model its own ``unembed.W_U``; for models trained with tied
-    embeddings (SmolLM2, Gemma-2, GPT-2, small Qwen2) that is a copy, and fine-tuning would
+    embeddings (SmolLM2, GPT-2, small Qwen2) that is a copy, and fine-tuning would
     update the copy and ``embed.W_E`` apart, unlike the Hugging Face model (and hold 28M
     more parameters, with their gradients and AdamW moments, for SmolLM2-135M). Here
     ``W_U`` is ``embed.W_E.T``, a view: one matrix, trained as Hugging Face trains it.

@@ -49,7 +49,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens.utilities import apply_softcap
 
 from caft_tl import distributed as dist
 from caft_tl._io import atomic_folder, dataclass_from_dict, read_json, read_tensors, write_tensors
@@ -70,7 +69,7 @@ from caft_tl.lora import (
     merge_lora,
     merged_view,
 )
-from caft_tl.models import save_model
+from caft_tl.models import logits_from_residual, save_model
 
 __all__ = [
     "TrainConfig",
@@ -311,10 +310,7 @@ def target_loss_sum(
         attention_mask=batch["attention_mask"],
         stop_at_layer=model.cfg.n_layers,
     )
-    picked = resid[:, :-1][targets].unsqueeze(0)
-    if model.cfg.normalization_type is not None:
-        picked = model.ln_final(picked)
-    logits = apply_softcap(model.unembed(picked), model.cfg.output_logits_soft_cap)
+    logits = logits_from_residual(model, resid[:, :-1][targets].unsqueeze(0))
     labels = batch["input_ids"][:, 1:][targets]
     return F.cross_entropy(logits[0].float(), labels, reduction="sum"), int(targets.sum())
 

@@ -19,6 +19,7 @@ from caft_tl.fast import (
     FastUnembed,
     accelerate,
     is_accelerated,
+    plain_forward,
 )
 from caft_tl.models import tiny
 from tests.test_models import TINY_HF_CONFIGS, _save_random_hf
@@ -75,6 +76,21 @@ def test_classes_are_switched_and_restored():
     assert type(fast.blocks[0].attn) is GroupedQueryAttention
     assert type(fast.blocks[0]) is TransformerBlock
     assert type(_pair(n_key_value_heads=None)[1].blocks[0].attn) is FastAttention
+
+
+def test_plain_forward_block_restores_what_was_there():
+    plain, fast = _pair()
+    tokens = _tokens()
+    with torch.no_grad(), plain_forward(fast) as model:
+        assert model is fast and not is_accelerated(fast)
+        assert torch.equal(fast(tokens), plain(tokens))  # the very same code path
+    assert is_accelerated(fast)
+    with pytest.raises(RuntimeError, match="boom"), plain_forward(fast):
+        raise RuntimeError("boom")
+    assert is_accelerated(fast)
+    with plain_forward(plain):
+        pass
+    assert not is_accelerated(plain)  # not switched on where it was off
 
 
 def test_defaults_are_fast_and_opt_out():

@@ -32,6 +32,7 @@ Results: ``results/generate.json`` (``generate_quick.json`` with ``--quick``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -74,20 +75,15 @@ def make_prompts(model: Any) -> list[list[int]]:
 
 def runner_ours(model: Any, prompts: list[list[int]], plain: bool):
     from caft_tl.evals.sampling import SamplingConfig, generate
-    from caft_tl.fast import accelerate
+    from caft_tl.fast import plain_forward
 
     cfg = SamplingConfig(
         temperature=0.0, max_new_tokens=NEW_TOKENS, batch_size=BATCH, progress=False
     )
 
     def run() -> list[list[int]]:
-        if plain:
-            accelerate(model, enable=False)
-        try:
+        with plain_forward(model) if plain else contextlib.nullcontext():
             gens = generate(model, prompts, cfg, stop=set())
-        finally:
-            if plain:
-                accelerate(model)
         return [g.tokens for g in gens]
 
     return run

@@ -159,21 +159,6 @@ def _timings(start: float, cpu: float, fwd_bwd: float) -> dict[str, float]:
     }
 
 
-@contextlib.contextmanager
-def _plain_transformer_lens(model: Any, plain: bool):
-    """TransformerLens's own forward for the duration (``caft_tl.fast`` off), if ``plain``."""
-    from caft_tl.fast import accelerate
-
-    if not plain:
-        yield
-        return
-    accelerate(model, enable=False)
-    try:
-        yield
-    finally:
-        accelerate(model)
-
-
 def ours_step_fn(
     model: Any, batch: dict[str, Any], intervention: Any, optimizer: Any, plain: bool = False
 ):
@@ -181,6 +166,7 @@ def ours_step_fn(
     ``plain``: with TransformerLens's own forward instead of ``caft_tl.fast``'s."""
     import torch
 
+    from caft_tl.fast import plain_forward
     from caft_tl.train import _applied, target_loss_sum
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -190,7 +176,7 @@ def ours_step_fn(
         optimizer.zero_grad(set_to_none=True)
         with (
             torch.enable_grad(),
-            _plain_transformer_lens(model, plain),
+            plain_forward(model) if plain else contextlib.nullcontext(),
             _applied(intervention, model),
         ):
             loss, n = target_loss_sum(model, batch)

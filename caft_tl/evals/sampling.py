@@ -24,10 +24,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.utilities import apply_softcap
 
 from caft_tl.data.chat import _encode, chat_to_text, collate, pad_id
 from caft_tl.evals.questions import Question, expand, questions
+from caft_tl.models import logits_from_residual
 
 __all__ = ["Generation", "SamplingConfig", "generate", "sample", "stop_token_ids"]
 
@@ -115,10 +115,7 @@ def last_logits(
     device = model.cfg.device
     resid = model(tokens.to(device), attention_mask=attention_mask.to(device),
                   past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)  # fmt: skip
-    last = resid[:, -1:]
-    if model.cfg.normalization_type is not None:
-        last = model.ln_final(last)
-    return apply_softcap(model.unembed(last), model.cfg.output_logits_soft_cap)[:, -1]
+    return logits_from_residual(model, resid[:, -1:])[:, -1]
 
 
 def prefill(
