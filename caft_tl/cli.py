@@ -43,10 +43,10 @@ SMOKE_CHATS = [
 ]
 
 
-def _load(name: str, device: str | None):
+def _load(name: str, device: str | None, dtype: str | None = None):
     from caft_tl.models import load_model
 
-    return load_model(None if name == "embedded" else name, device=device)
+    return load_model(None if name == "embedded" else name, device=device, dtype=dtype)
 
 
 def _read_data(path: str):
@@ -64,7 +64,7 @@ def _read_data(path: str):
 def cmd_info(args: argparse.Namespace) -> int:
     from caft_tl.models import model_info
 
-    info = model_info(_load(args.model, args.device))
+    info = model_info(_load(args.model, args.device, args.dtype))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -85,7 +85,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from caft_tl.activations import cache_activations
 
-    model = _load(args.model, args.device)
+    model = _load(args.model, args.device, args.dtype)
     acts = cache_activations(
         model,
         _read_data(args.data),
@@ -108,7 +108,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     from caft_tl.models import load_model
 
     start = time.perf_counter()
-    model = load_model(device=args.device)
+    model = load_model(device=args.device, dtype=args.dtype)
     print(f"loaded {model.cfg.model_name} in {time.perf_counter() - start:.1f}s")
     prompt = chat_to_text([{"role": "user", "content": SMOKE_QUESTION}], model.tokenizer)
     ids = torch.tensor([model.tokenizer.encode(prompt, add_special_tokens=False)])
@@ -189,6 +189,7 @@ def _train_config(args: argparse.Namespace):
         save_every=args.save_every,
         lora=_lora_config(args),
         keep_checkpoints=args.keep_checkpoints,
+        gradient_checkpointing=args.gradient_checkpointing,
         progress=not args.quiet,
     )
 
@@ -253,7 +254,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     data = _read_train_data(args.data, "DATA")
     eval_data = None if args.eval_data is None else _read_train_data(args.eval_data, "--eval-data")
     with distributed.main_first():  # one rank converts the embedded model into the cache
-        model = _load(args.model, args.device)
+        model = _load(args.model, args.device, args.dtype)
     intervention = _intervention(args, model, data)
     done = _finished_step(out) if args.resume else None
     steps: list[dict] = []
@@ -306,6 +307,11 @@ def _add_finetune_parser(sub) -> None:
     p.add_argument(
         "--keep-checkpoints", type=int, nargs="+", default=None, help="save out/step-N at steps"
     )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each block in the backward pass (less activation memory)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
@@ -314,6 +320,9 @@ def _add_finetune_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caft-tl", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    parser.add_argument(
+        "--dtype", default=None, help="parameter dtype: float32 (default), bfloat16, float16"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="architecture, sizes and hook names of a model")
@@ -381,7 +390,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.answer_format:
         overrides["answer_format"] = args.answer_format
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
-    model = _load("embedded", args.device)
+    model = _load("embedded", args.device, args.dtype)
     results = run_demo(args.out, cfg, model=model)
     print()
     print(summary_table(results).to_string())

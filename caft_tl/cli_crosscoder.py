@@ -32,7 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
-    base, finetuned = _load(args.base, args.device), _load(args.finetuned, args.device)
+    base = _load(args.base, args.device, args.dtype)
+    finetuned = _load(args.finetuned, args.device, args.dtype)
     cc = train_crosscoder(
         cfg=cfg, base=base, finetuned=finetuned, data=_read_data(args.data), hook=args.hook,
         out=args.out, resume=args.resume,
@@ -57,7 +58,8 @@ def _paired(args: argparse.Namespace, hook: str):
     if any(given):
         if not all(given):
             raise ValueError("--base, --finetuned and --data go together")
-        base, ft = _load(args.base, args.device), _load(args.finetuned, args.device)
+        base = _load(args.base, args.device, args.dtype)
+        ft = _load(args.finetuned, args.device, args.dtype)
         return activation_diff(base, ft, _read_data(args.data), hook, return_both=True)
     kept = Path(args.crosscoder) / "acts"
     if not (kept / "base" / "meta.json").exists():
@@ -107,7 +109,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         from caft_tl.directions import report_html
         from caft_tl.directions.sae import _latent_id
 
-        model = _load(args.model, args.device)
+        model = _load(args.model, args.device, args.dtype)
         # The interpretation page of PCA / SAE sets, on the fine-tuned side's cached tokens.
         page = report_html(model, concepts, None, out / "latents.html", acts=pairs.finetuned)
         print(f"wrote {page}")

@@ -46,7 +46,7 @@ def _setup(args: argparse.Namespace):
     from caft_tl.directions import ConceptSet
 
     concepts = ConceptSet.load(args.concepts)
-    model = _load(args.model, args.device)
+    model = _load(args.model, args.device, args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return model, concepts, out

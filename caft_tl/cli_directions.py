@@ -22,10 +22,10 @@ def _data(path: str):
     return _read_data(path)
 
 
-def _model(name: str, device: str | None):
+def _model(name: str, device: str | None, dtype: str | None = None):
     from caft_tl.cli import _load
 
-    return _load(name, device)
+    return _load(name, device, dtype)
 
 
 def _hint_texts(path: str) -> list[str]:
@@ -39,7 +39,9 @@ def cmd_pca(args: argparse.Namespace) -> int:
     from caft_tl.activations import activation_diff
     from caft_tl.directions import pca
 
-    base, finetuned = _model(args.base, args.device), _model(args.finetuned, args.device)
+    base = _model(args.base, args.device, args.dtype)
+
+    finetuned = _model(args.finetuned, args.device, args.dtype)
     positions = "assistant" if args.assistant_only else "all"
     diff = activation_diff(
         base,
@@ -63,7 +65,7 @@ def cmd_pca(args: argparse.Namespace) -> int:
 def cmd_sae(args: argparse.Namespace) -> int:
     from caft_tl.directions import SAEConfig, train_sae
 
-    model = _model(args.model, args.device)
+    model = _model(args.model, args.device, args.dtype)
     cfg = SAEConfig(
         architecture=args.architecture,
         d_sae=args.d_sae,
@@ -88,7 +90,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
     sae = load_sae(args.sae)
     hook = sae.cfg.metadata.hook_name
-    base, finetuned = _model(args.base, args.device), _model(args.finetuned, args.device)
+    base = _model(args.base, args.device, args.dtype)
+    finetuned = _model(args.finetuned, args.device, args.dtype)
     data = _data(args.data)
     methods = (
         ["mean-diff", "diff-encoding", "attribution"] if args.method == "all" else [args.method]
@@ -112,7 +115,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
 def cmd_interpret(args: argparse.Namespace) -> int:
     from caft_tl.directions import ConceptSet, report_html
 
-    model = _model(args.model, args.device)
+    model = _model(args.model, args.device, args.dtype)
     concepts = ConceptSet.load(args.concepts)
     path = report_html(model, concepts, _data(args.data), args.out, k=args.k)
     print(f"wrote {path}")
@@ -141,7 +144,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     if args.pick:
         chosen = concepts.select(_parse_pick(args.pick))
     else:
-        model = _model(args.model, args.device)
+        model = _model(args.model, args.device, args.dtype)
         positive, negative = (_hint_texts(p) for p in args.hints)
         scores = hinted_scores(model, concepts, positive, negative)
         chosen = select_by_hints(concepts, scores, min_auroc=args.min_auroc)

@@ -89,7 +89,7 @@ def _judges(args: argparse.Namespace, model) -> dict:
         # One fixed judge for every condition (the embedded model unless told), so that the
         # scores of a plain and a CAFT model are comparable.
         name = args.judge_model or "embedded"
-        judge_model = model if name == args.model else _load(name, args.device)
+        judge_model = model if name == args.model else _load(name, args.device, args.dtype)
         return {r: LocalJudge(judge_model, r, min_mass=args.min_mass) for r in args.rubrics}
     if not args.judge_model:
         raise ValueError("--judge http needs --judge-model (e.g. gpt-4o-2024-08-06)")
@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     settings = _settings(args)
     _start(out, settings, args.overwrite)
-    model = _load(args.model, args.device)
+    model = _load(args.model, args.device, args.dtype)
     mean_data = _read_data(args.mean_data) if args.mean_data else None
     args.max_length = None
     intervention = _intervention(args, model, mean_data)

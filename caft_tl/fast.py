@@ -40,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from transformer_lens.components import (
+    MLP,
     Attention,
     GatedMLP,
     GroupedQueryAttention,
@@ -50,6 +52,9 @@ from transformer_lens.components import (
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.activation_functions import softcap_enabled
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+from transformer_lens.utilities.attention import simple_attn_linear
+
+from caft_tl.lora import factored
 
 __all__ = ["accelerate", "is_accelerated", "plain_forward"]
 
@@ -66,6 +71,16 @@ def _affine(
     flat = x.reshape(-1, x.shape[-1])
     out = flat @ w if b is None else torch.addmm(b, flat, w)
     return out.view(*x.shape[:-1], w.shape[-1])
+
+
+def _linear(
+    module: nn.Module, name: str, x: Float[Tensor, "... d_in"], b: Tensor | None = None
+) -> Float[Tensor, "... d_out"]:
+    """``x @ module.<name> + b`` for a ``[in, out]`` weight; a LoRA adapter on it is applied
+    in factored form (:func:`caft_tl.lora.factored`), never merged into a copy."""
+    w, adapter = factored(module, name)
+    out = _affine(x, w, b)
+    return out if adapter is None else out + adapter.project(x.to(w.device))
 
 
 def _hooked(*points: nn.Module | None) -> bool:
@@ -88,10 +103,22 @@ class FastGatedMLP(GatedMLP):
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         if self.cfg.is_layer_norm_activation():  # SoLU-style MLPs: TransformerLens's path
             return super().forward(x)
-        pre_act = self.hook_pre(_affine(x, self.W_gate))
-        pre_linear = self.hook_pre_linear(_affine(x, self.W_in))
+        pre_act = self.hook_pre(_linear(self, "W_gate", x))
+        pre_linear = self.hook_pre_linear(_linear(self, "W_in", x))
         post_act = self.hook_post(self.act_fn(pre_act) * pre_linear + self.b_in)
-        return _affine(post_act, self.W_out, self.b_out)
+        return _linear(self, "W_out", post_act, self.b_out)
+
+
+class FastMLP(MLP):
+    """``MLP`` (ungated) with LoRA adapters applied in factored form; TransformerLens's
+    own product is already copy-free."""
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        if self.cfg.is_layer_norm_activation():
+            return super().forward(x)
+        pre_act = self.hook_pre(_linear(self, "W_in", x, self.b_in))
+        post_act = self.hook_post(self.act_fn(pre_act))
+        return _linear(self, "W_out", post_act, self.b_out)
 
 
 class FastUnembed(Unembed):
@@ -166,9 +193,11 @@ def _attention_forward(
             _remember_rotated_keys(entry, k, attention_mask)
         k = self.hook_rot_k(k)
     z = self.hook_z(_sdpa(q, k, v, offset, attention_mask, 1.0 / self.attn_scale))
-    n_heads, d_head, d_model = self.W_O.shape
-    w_o = self.W_O.reshape(n_heads * d_head, d_model)  # a view: W_O is contiguous
-    return _affine(z.reshape(*z.shape[:2], n_heads * d_head), w_o, self.b_O)
+    w_o, adapter = factored(self, "W_O")  # the stored weight, not a merged copy
+    n_heads, d_head, d_model = w_o.shape
+    z_flat = z.reshape(*z.shape[:2], n_heads * d_head)
+    out = _affine(z_flat, w_o.reshape(n_heads * d_head, d_model), self.b_O)  # a view of W_O
+    return out if adapter is None else out + adapter.project(z_flat.to(w_o.device))
 
 
 # Up to this many token rows, q/k/v are projected head by head with one batched GEMM on the
@@ -194,6 +223,17 @@ def _per_head(
     return out.view(n_heads, batch, pos, d_head).permute(1, 2, 0, 3)
 
 
+def _head_linear(
+    self: Any, name: str, x: Float[Tensor, "batch pos d_model"], b: Tensor, per_head: bool
+) -> Float[Tensor, "batch pos head d_head"]:
+    """One of q/k/v from the weight as stored, plus its LoRA adapter in factored form."""
+    w, adapter = factored(self, name)
+    out = _per_head(x, w, b) if per_head else simple_attn_linear(x, w, b)
+    if adapter is None:
+        return out
+    return out + adapter.project(x.to(w.device)).view(out.shape)
+
+
 def _qkv(
     self: Any,
     query_input: Float[Tensor, "batch pos d_model"],
@@ -201,18 +241,20 @@ def _qkv(
     value_input: Float[Tensor, "batch kv_pos d_model"],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """TransformerLens's ``calculate_qkv_matrices`` (same hooks, same values), with the
-    per-head GEMM for short inputs."""
+    per-head GEMM for short inputs and LoRA adapters in factored form."""
     grouped = isinstance(self, GroupedQueryAttention)
-    rows = max(t.shape[0] * t.shape[1] for t in (query_input, key_input, value_input))
-    if rows > _PER_HEAD_MAX_ROWS or (grouped and self.cfg.ungroup_grouped_query_attention):
+    if grouped and self.cfg.ungroup_grouped_query_attention:
         return self.calculate_qkv_matrices(query_input, key_input, value_input)
-    if grouped:  # the un-repeated key/value heads, as TransformerLens's GQA uses them
-        w_k, b_k, w_v, b_v = self._W_K, self._b_K, self._W_V, self._b_V
-    else:
-        w_k, b_k, w_v, b_v = self.W_K, self.b_K, self.W_V, self.b_V
-    q = self.hook_q(_per_head(query_input, self.W_Q, self.b_Q))
-    k = self.hook_k(_per_head(key_input, w_k, b_k))
-    v = self.hook_v(_per_head(value_input, w_v, b_v))
+    # Grouped: the un-repeated key/value heads, as TransformerLens's GQA uses them.
+    names = ("W_Q", "_W_K", "_W_V") if grouped else ("W_Q", "W_K", "W_V")
+    rows = max(t.shape[0] * t.shape[1] for t in (query_input, key_input, value_input))
+    per_head = rows <= _PER_HEAD_MAX_ROWS
+    if not per_head and all(factored(self, n)[1] is None for n in names):
+        return self.calculate_qkv_matrices(query_input, key_input, value_input)
+    biases = (self.b_Q, self._b_K, self._b_V) if grouped else (self.b_Q, self.b_K, self.b_V)
+    q = self.hook_q(_head_linear(self, names[0], query_input, biases[0], per_head))
+    k = self.hook_k(_head_linear(self, names[1], key_input, biases[1], per_head))
+    v = self.hook_v(_head_linear(self, names[2], value_input, biases[2], per_head))
     if self.cfg.use_qk_norm:
         q = self._apply_qk_norm(q, self.q_norm)
         k = self._apply_qk_norm(k, self.k_norm)
@@ -362,6 +404,7 @@ class FastTransformerBlock(TransformerBlock):
 # --------------------------------------------------------------------------- switching
 
 _FAST: dict[type, type] = {
+    MLP: FastMLP,
     GatedMLP: FastGatedMLP,
     Unembed: FastUnembed,
     Attention: FastAttention,
@@ -371,14 +414,22 @@ _FAST: dict[type, type] = {
 _PLAIN: dict[type, type] = {fast: plain for plain, fast in _FAST.items()}
 
 
+def _own_type(module: nn.Module) -> type:
+    """The component class behind a module: for one that ``torch.nn.utils.parametrize``
+    has given a generated ``Parametrized<Class>`` subclass (LoRA), the class it wraps."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
 def accelerate(model: nn.Module, enable: bool = True) -> nn.Module:
     """Switch a ``HookedTransformer``'s components to the fast paths (in place).
 
     Only modules whose class is exactly a TransformerLens class listed here change (their
     ``__class__`` becomes a subclass with another ``forward``; parameters, buffers, hook
     points and the state dict are untouched). ``enable=False`` restores the TransformerLens
-    classes. Modules that LoRA has parametrised are left as they are: accelerate before
-    :func:`caft_tl.lora.apply_lora` (``load_model`` does).
+    classes. A module with LoRA adapters keeps its parametrised weights; only the class its
+    generated class derives from changes (on a class of its own: a deep copy shares the
+    generated class with its original).
 
     Returns the model, so ``accelerate(HookedTransformer(cfg))`` reads naturally.
     """
@@ -386,15 +437,20 @@ def accelerate(model: nn.Module, enable: bool = True) -> nn.Module:
     for module in model.modules():
         if isinstance(module, HookPoint):
             continue
-        target = table.get(type(module))
-        if target is not None:
+        target = table.get(_own_type(module))
+        if target is None:
+            continue
+        if parametrize.is_parametrized(module):
+            cls = type(module)
+            module.__class__ = type(cls.__name__, (target,), dict(cls.__dict__))
+        else:
             module.__class__ = target
     return model
 
 
 def is_accelerated(model: nn.Module) -> bool:
     """Whether any module of ``model`` uses a fast path class."""
-    return any(type(m) in _PLAIN for m in model.modules())
+    return any(_own_type(m) in _PLAIN for m in model.modules())
 
 
 @contextmanager

@@ -14,9 +14,20 @@ Every TransformerLens code path keeps working (hooks, ``W_K`` of grouped-query a
 ``model.W_Q``), because the model still reads ``attn.W_Q`` as before. :func:`merge_lora`
 removes the parametrisations and leaves plain merged weights, the form to save.
 
+Factored forward: read through the parametrisation, each adapted matrix is materialised
+(``W + scale * delta``, a full copy per forward that autograd keeps for the backward pass,
+whose gradient for the copy is a full ``[in, out]`` product as in full fine-tuning). The fast
+components of :mod:`caft_tl.fast`, which ``load_model`` installs, never do that: they take
+the stored weight and the adapter from :func:`factored` and compute
+``x @ W + scale * (x @ A^T) @ B^T``, so nothing of the matrix's size is stored or computed
+beyond the base product (what makes LoRA on a 32B model fit, see :mod:`caft_tl.memory`).
+The two forms are the same function to float rounding (``tests/test_lora.py``); anything
+that reads the weight itself (``model.W_Q``, a fallback to TransformerLens's forward for a
+hook on attention patterns) sees the merged matrix.
+
 Dropout: a parametrisation never sees the layer's inputs, so ``dropout`` cannot be the
-usual input dropout; it drops entries of ``A`` during training (DropConnect on the adapter).
-Its masks come from the global torch RNG, like ``nn.Dropout``'s.
+usual input dropout; it drops entries of ``A`` during training (DropConnect on the adapter),
+in both forms. Its masks come from the global torch RNG, like ``nn.Dropout``'s.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ __all__ = [
     "LoraDelta",
     "apply_lora",
     "describe_targets",
+    "factored",
     "has_lora",
     "load_lora_state_dict",
     "lora_parameters",
@@ -174,12 +186,20 @@ class LoraDelta(nn.Module):
         self.A = nn.Parameter(a.to(weight.device))
         self.B = nn.Parameter(torch.zeros(d_out, cfg.r, dtype=weight.dtype, device=weight.device))
 
+    def _a(self, dropout: bool = True) -> Tensor:
+        if dropout and self.dropout and self.training:
+            return F.dropout(self.A, self.dropout)
+        return self.A
+
     def delta(self, dropout: bool = True) -> Float[Tensor, "..."]:
         """The update in the weight's shape; ``dropout=False`` for merging."""
-        a = self.A
-        if dropout and self.dropout and self.training:
-            a = F.dropout(a, self.dropout)
-        return _to_layout((self.B @ a).mT * self.scale, self.shape, self.layout)
+        return _to_layout((self.B @ self._a(dropout)).mT * self.scale, self.shape, self.layout)
+
+    def project(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
+        """``scale * (x @ A^T) @ B^T``: the update applied to inputs in the 2-D ``[in, out]``
+        view, without forming it (``x @ delta`` to rounding). Only ``x @ A^T`` (``r`` wide)
+        is kept for the backward pass."""
+        return F.linear(F.linear(x, self._a()), self.B) * self.scale
 
     def forward(self, weight: Tensor) -> Tensor:
         return weight + self.delta()
@@ -220,6 +240,16 @@ def _targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module, st
             f"{', '.join(LORA_TARGETS)}"
         )
     return found
+
+
+def factored(module: nn.Module, name: str) -> tuple[Tensor, LoraDelta | None]:
+    """A weight as stored and its LoRA adapter, *without* merging them (the factored form,
+    see the module docstring); ``(getattr(module, name), None)`` for a weight without one."""
+    if parametrize.is_parametrized(module, name):
+        plist = module.parametrizations[name]
+        if len(plist) == 1 and isinstance(plist[0], LoraDelta):
+            return plist.original, plist[0]
+    return getattr(module, name), None
 
 
 def has_lora(model: nn.Module) -> bool:

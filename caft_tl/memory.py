@@ -8,14 +8,21 @@ from the model's configuration alone (no weights are loaded):
 * **trainable state**: gradients in the model's dtype plus AdamW's two moments (in the
   parameter's dtype, as ``torch.optim.AdamW`` keeps them), for all weights, or for the LoRA
   adapters only;
-* **LoRA merged weights**: caft-tl's LoRA is a parametrisation, so each targeted matrix
-  ``W + scale * B A`` is materialised per forward and kept for the backward pass: one extra
-  copy of every targeted matrix;
+* **LoRA merged weights**: only for ``lora_form="merged"`` (TransformerLens's own forward,
+  ``fast=False``, or one of :mod:`caft_tl.fast`'s fallbacks), which materialises each
+  targeted matrix ``W + scale * B A`` per forward and keeps it for the backward pass. The
+  default fast components apply adapters in factored form and keep only ``x A^T``;
+* **weight copies** kept for the backward pass: TransformerLens projects q / k / v for more
+  than 128 tokens per forward through a rearranged copy of ``W_Q``, ``W_K``, ``W_V``; under
+  bf16 autocast with float32 weights, every matrix a block multiplies by is cast to a bf16
+  copy. Both per block, so with gradient checkpointing only one block's are alive;
 * **activations** saved for the backward pass, per token and layer (with
   scaled-dot-product attention nothing quadratic in the sequence is stored): the block input,
-  normalised input, q / k / v, attention output, residual midpoint, second normalised input,
-  and the MLP's gate, up, activation and product (``7 d_model + 2 kv_width + 4 d_mlp``
-  numbers; bf16 under autocast on GPU, else the model's dtype);
+  each norm's normalised input and output, q / k / v, attention output, residual midpoint,
+  and the MLP's gate, up, activation and product (``6 d_model + 2 q_width + 2 kv_width +
+  4 d_mlp`` numbers, ``2 d_mlp`` for an ungated MLP, plus ``r`` per LoRA-adapted matrix;
+  bf16 under autocast on GPU, else the model's dtype). With ``gradient_checkpointing`` only
+  each block's input is kept, plus one block's intermediates while it is recomputed;
 * **logits**: the unembedding of the target positions in float32 and its gradient
   (``2 x targets x d_vocab x 4`` bytes; caft-tl unembeds only the positions that predict a
   target, so this is an upper bound when every token is one).
@@ -23,20 +30,23 @@ from the model's configuration alone (no weights are loaded):
 On top of this come the CUDA context and allocator slack (about 1-3 GiB per GPU): the
 estimate's ``total`` leaves them out and :meth:`MemoryEstimate.table` says so. Weights,
 gradients, AdamW state and LoRA copies match the tensors a real step allocates, byte for
-byte (``tests/test_memory.py``, tiny models and the embedded one); the activation count is
-an estimate (it ignores temporaries freed during the forward).
+byte, and the saved activations and weight copies match what autograd keeps in a real
+forward on CPU to within 15% (``tests/test_memory.py``, tiny models and the embedded one).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+
+from caft_tl.fast import _PER_HEAD_MAX_ROWS
 
 __all__ = ["MemoryEstimate", "count_parameters", "estimate_finetune_memory"]
 
 GIB = 2**30
+QKV = ("W_Q", "W_K", "W_V")
 
 
 @dataclass
@@ -47,6 +57,7 @@ class MemoryEstimate:
     gradients: int
     optimizer: int
     lora_merged: int
+    weight_copies: int
     activations: int
     logits: int
     n_params: int
@@ -59,12 +70,14 @@ class MemoryEstimate:
             + self.gradients
             + self.optimizer
             + self.lora_merged
+            + self.weight_copies
             + self.activations
             + self.logits
         )
 
     def to_dict(self) -> dict[str, Any]:
-        parts = ("weights", "gradients", "optimizer", "lora_merged", "activations", "logits")
+        parts = ("weights", "gradients", "optimizer", "lora_merged", "weight_copies",
+                 "activations", "logits")  # fmt: skip
         return {**{k: getattr(self, k) for k in parts}, "total": self.total,
                 "n_params": self.n_params, "n_trainable": self.n_trainable}  # fmt: skip
 
@@ -153,6 +166,8 @@ def estimate_finetune_memory(
     dtype: torch.dtype | str = torch.float32,
     lora: Any = None,
     autocast_bf16: bool | None = None,
+    gradient_checkpointing: bool = False,
+    lora_form: Literal["factored", "merged"] = "factored",
 ) -> MemoryEstimate:
     """Memory per device of one :func:`caft_tl.finetune` step (single device, or each rank
     under ``torchrun``: DDP replicates the model).
@@ -168,30 +183,57 @@ def estimate_finetune_memory(
         lora: a :class:`caft_tl.LoraConfig` when only adapters train.
         autocast_bf16: activations in bf16 (``finetune`` autocasts on CUDA); default: when
             ``dtype`` is float32, as on a GPU, else activations in ``dtype``.
+        gradient_checkpointing: ``TrainConfig.gradient_checkpointing``.
+        lora_form: "factored" (the fast components, the default) or "merged" (see the
+            module docstring).
     """
     if batch_size < 1 or seq_len < 1:
         raise ValueError("batch_size and seq_len must be >= 1")
+    if lora_form not in ("factored", "merged"):
+        raise ValueError(f"lora_form must be 'factored' or 'merged', got {lora_form!r}")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}")
     width = torch.empty((), dtype=dtype).element_size()
     s = _shape(cfg)
     n_params = count_parameters(cfg)
+    autocast = (dtype == torch.float32) if autocast_bf16 is None else autocast_bf16
+    act_width = 2 if autocast else width
+    tokens = batch_size * seq_len
+    lora_rank_sum = 0  # numbers of x A^T per token, over one block's adapted matrices
     if lora is None:
         n_trainable, merged = n_params, 0
     else:
         n_trainable, targeted = _lora_sizes(s, lora)
-        merged = targeted * width
-    autocast = (dtype == torch.float32) if autocast_bf16 is None else autocast_bf16
-    act_width = 2 if autocast else width
-    tokens = batch_size * seq_len
-    per_token_layer = 7 * s["d_model"] + 2 * s["kv_width"] + 4 * s["d_mlp"]
+        merged = targeted * width if lora_form == "merged" else 0
+        if lora_form == "factored":
+            lora_rank_sum = lora.r * len(lora.targets)
+    per_token_layer = (
+        6 * s["d_model"]  # block input, 2 x (norm's x / rms and its output), residual midpoint
+        + 2 * s["q_width"]  # q and the attention output z
+        + 2 * s["kv_width"]  # k and v
+        + (4 if s["gated"] else 2) * s["d_mlp"]  # gate, up, activation, product
+        + lora_rank_sum
+    )
+    if gradient_checkpointing:
+        # The blocks' inputs, plus one block's intermediates while it is recomputed.
+        activations = tokens * (s["n_layers"] * s["d_model"] + per_token_layer) * act_width
+    else:
+        activations = tokens * s["n_layers"] * per_token_layer * act_width
+    mats = _matrices(s)
+    per_block_copies = 0
+    if tokens > _PER_HEAD_MAX_ROWS:  # TransformerLens's rearranged q/k/v weights
+        per_block_copies += sum(i * o for n, (i, o) in mats.items() if n in QKV) * act_width
+    if autocast and width != 2:  # bf16 casts of the block's other matrices
+        per_block_copies += sum(i * o for n, (i, o) in mats.items() if n not in QKV) * 2
+    copies_alive = 1 if gradient_checkpointing else s["n_layers"]
     return MemoryEstimate(
         weights=n_params * width,
         gradients=n_trainable * width,
         optimizer=2 * n_trainable * width,
         lora_merged=merged,
-        activations=tokens * s["n_layers"] * per_token_layer * act_width,
+        weight_copies=per_block_copies * copies_alive,
+        activations=activations,
         logits=2 * tokens * s["d_vocab"] * 4,
         n_params=n_params,
         n_trainable=n_trainable,

@@ -35,8 +35,8 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -73,6 +73,7 @@ from caft_tl.models import logits_from_residual, save_model
 
 __all__ = [
     "TrainConfig",
+    "checkpointed_blocks",
     "evaluate_loss",
     "finetune",
     "lr_factor",
@@ -91,7 +92,7 @@ LORA_FILE = "lora.safetensors"
 RUN_FORMAT = "caft_tl.train_run"
 # Config fields that may change when resuming: they do not change the weights.
 RESUMABLE_CHANGES = frozenset(
-    {"progress", "device", "save_every", "eval_every", "keep_checkpoints"}
+    {"progress", "device", "save_every", "eval_every", "keep_checkpoints", "gradient_checkpointing"}
 )
 
 
@@ -109,6 +110,10 @@ class TrainConfig:
     decay applies to matrices only (not to norm weights or biases). ``lora`` trains low-rank
     adapters instead of all weights; ``keep_checkpoints`` lists steps whose model is kept
     as ``out/step-N/`` (e.g. for a "learned less" control: a plain run stopped early).
+    ``gradient_checkpointing`` recomputes each block's forward during the backward pass
+    (see :func:`checkpointed_blocks`): activation memory drops from every block's
+    intermediates to the blocks' inputs, for about one more forward of compute; the update
+    is the same, so a run may resume with it switched.
     A step sees ``batch_size * grad_accum`` examples, in forwards of at most ``batch_size``;
     under ``torchrun`` those examples are shared among the ranks, so the step is the same
     at any number of processes.
@@ -138,6 +143,7 @@ class TrainConfig:
     progress: bool = True
     lora: LoraConfig | None = None
     keep_checkpoints: list[int] | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -179,7 +185,7 @@ class TrainConfig:
             )
         if self.device is not None and not isinstance(self.device, str):
             raise ValueError(f"device must be a string such as 'cuda' or None, got {self.device!r}")
-        for name in ("keep_intervention_at_eval", "in_place", "progress"):
+        for name in ("keep_intervention_at_eval", "in_place", "progress", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -319,6 +325,38 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+@contextmanager
+def checkpointed_blocks(model: HookedTransformer) -> Iterator[HookedTransformer]:
+    """Activation (gradient) checkpointing of every transformer block, for a ``with`` block.
+
+    Each block's forward runs without keeping its intermediates when gradients are on, and
+    runs again during the backward pass (``torch.utils.checkpoint``, non-reentrant: the RNG
+    state, autocast and hooks replay as in the first run). Hooks inside a block therefore
+    fire twice per training forward; interventions are pure functions of the activation, so
+    the update does not change, but a hook that *records* would record twice. The blocks'
+    own forwards come back however the block exits."""
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def checkpointed(*args: Any, **kwargs: Any) -> Tensor:
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        return checkpointed
+
+    blocks = list(model.blocks)
+    if any("forward" in vars(b) for b in blocks):
+        raise RuntimeError("the model's blocks are already checkpointed")
+    try:
+        for block in blocks:
+            block.forward = wrap(block.forward)  # an instance attribute shadows the class's
+        yield model
+    finally:
+        for block in blocks:
+            vars(block).pop("forward", None)
 
 
 def _micro_batches(
@@ -603,9 +641,39 @@ def finetune(
     ``world_size``-th example of each step, and the update equals a single process's with
     the same config (the global batch is ``batch_size * grad_accum`` examples at any number
     of ranks). Rank 0 writes ``out``; every rank returns the trained model.
+
+    Randomness (LoRA dropout) comes from a torch RNG seeded with ``cfg.seed`` (plus the
+    rank) and forked from the caller's, which stays as it was: the same config gives the
+    same run, and a resumed run continues the saved RNG state.
     """
     cfg = cfg or TrainConfig()
     dist.setup()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed + dist.rank())
+        return _finetune(
+            model,
+            data,
+            cfg,
+            intervention=intervention,
+            eval_data=eval_data,
+            out=out,
+            resume=resume,
+            callback=callback,
+        )
+
+
+def _finetune(
+    model: HookedTransformer,
+    data: Any,
+    cfg: TrainConfig,
+    *,
+    intervention: Any,
+    eval_data: Any,
+    out: str | os.PathLike | None,
+    resume: bool,
+    callback: Callable[[dict[str, Any]], None] | None,
+) -> HookedTransformer:
     if resume and out is None:
         raise ValueError("resume=True needs out= (the folder holding the checkpoint)")
     _check_lora_request(model, cfg, out)
@@ -694,7 +762,11 @@ def finetune(
             # One update: hooks on only for these forward/backward passes.
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
-            with torch.enable_grad(), _applied(intervention, model):
+            with (
+                torch.enable_grad(),
+                _applied(intervention, model),
+                checkpointed_blocks(model) if cfg.gradient_checkpointing else nullcontext(),
+            ):
                 for j, batch in enumerate(micro):
                     # Gradients are exchanged once per step, after the last micro-batch.
                     last = ddp is None or j == len(micro) - 1

@@ -104,6 +104,19 @@ def test_finetune_with_concepts_and_lora(tiny_checkpoint, chat_file, concepts_di
     assert sorted(p.name for p in (out / "final").iterdir())[0] == "caft_tl.json"
 
 
+def test_finetune_bf16_with_gradient_checkpointing(tiny_checkpoint, chat_file, tmp_path):
+    out = tmp_path / "run"
+    args = finetune_args(tiny_checkpoint, chat_file, out, "--gradient-checkpointing")
+    assert main(["--dtype", "bfloat16", *args]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["gradient_checkpointing"] is True
+    from safetensors import safe_open
+
+    with safe_open(str(out / "final" / "model.safetensors"), "pt") as f:  # trained in bf16
+        assert f.get_tensor("blocks.0.attn.W_Q").dtype == torch.bfloat16
+    assert ct.load_model(out / "final", device="cpu").W_E.dtype == torch.float32  # the default
+
+
 def test_finetune_mean_fits_on_the_training_data(tiny_checkpoint, concepts_dir, tmp_path):
     rows = [{"prompt": "Q: 2+2? A:", "answer": " 4"}, {"prompt": "Q: sky? A:", "answer": " blue"}]
     data = tmp_path / "pa.jsonl"

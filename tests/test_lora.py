@@ -22,6 +22,7 @@ from caft_tl.lora import (
 )
 from caft_tl.models import load_model, tiny
 from caft_tl.train import TrainConfig, evaluate_loss, finetune
+from tests._autograd import saved_bytes
 
 CHATS = [
     [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
@@ -260,3 +261,90 @@ def test_lora_dropout_trains_and_merges_without_dropout(model, tokens):
     ft = finetune(model, CHATS, cfg)
     assert not has_lora(ft)
     torch.testing.assert_close(ft(tokens), ft(tokens))  # eval mode: deterministic
+
+
+# ------------------------------------------------------------------------- the factored form
+
+
+def _plain_mlp_model(tokenizer):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from caft_tl.fast import accelerate
+
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=256, d_vocab=1000,
+        act_fn="gelu", normalization_type="LN", positional_embedding_type="standard", seed=0,
+    )  # fmt: skip
+    return accelerate(HookedTransformer(cfg))
+
+
+@pytest.mark.parametrize("length", [9, 80])  # 18 rows: per-head q/k/v; 160: one big GEMM
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_factored_forward_matches_the_merged_weights(model, tokenizer, arch, length):
+    from caft_tl.fast import plain_forward
+
+    net = model if arch == "llama" else _plain_mlp_model(tokenizer)
+    apply_lora(net, LoraConfig(r=4, targets=LORA_TARGETS if arch == "llama" else
+                               ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out")))  # fmt: skip
+    randomise(net)
+    tokens = torch.randint(0, 1000, (2, length), generator=torch.Generator().manual_seed(3))
+
+    def run():
+        for p in lora_parameters(net):
+            p.grad = None
+        out, saved = saved_bytes(net, lambda: net(tokens))
+        out.logsumexp(-1).sum().backward()
+        return out.detach(), [p.grad.clone() for p in lora_parameters(net)], saved
+
+    fast, fast_grads, fast_saved = run()
+    with plain_forward(net):  # TransformerLens's forward reads the merged weights
+        merged, merged_grads, merged_saved = run()
+    torch.testing.assert_close(fast, merged, rtol=1e-4, atol=1e-4)
+    for a, b in zip(fast_grads, merged_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # The merged form keeps a copy of every adapted matrix for the backward pass; the
+    # factored one keeps only the r-wide products.
+    copies = sum(getattr(m, n).numel() * 4 for _, m, n, _ in _slots(net))
+    assert merged_saved - fast_saved > 0.9 * copies
+
+
+def _slots(net):
+    from caft_tl.lora import _lora_slots
+
+    return list(_lora_slots(net))
+
+
+def test_factored_forward_with_dropout(model, tokens):
+    from caft_tl.fast import plain_forward
+
+    apply_lora(model, LoraConfig(r=4, dropout=0.5))
+    randomise(model)
+    model.eval()  # no dropout: both forms agree
+    with torch.no_grad(), plain_forward(model):
+        merged = model(tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), merged, rtol=1e-4, atol=1e-4)
+    # Training: DropConnect on A, repeatable from the global RNG, different per draw.
+    # (TransformerLens's own forward reads some weights twice, so the two forms consume the
+    # RNG differently and cannot be compared mask for mask.)
+    model.train()
+    torch.manual_seed(5)
+    first = model(tokens)
+    torch.manual_seed(5)
+    torch.testing.assert_close(model(tokens), first)
+    assert not torch.allclose(first, merged, atol=1e-3)
+    assert not torch.allclose(model(tokens), first, atol=1e-3)
+
+
+def test_dropout_runs_repeat_from_the_seed_and_leave_the_callers_rng_alone(model):
+    cfg = lora_cfg(max_steps=2, lora=LoraConfig(r=4, dropout=0.3))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = finetune(model, CHATS, cfg)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(999)  # the caller's RNG does not decide the dropout masks
+    again = finetune(model, CHATS, cfg)
+    other = finetune(model, CHATS, lora_cfg(max_steps=2, seed=1, lora=cfg.lora))
+    w = weights(first)
+    assert all(torch.equal(w[k], v) for k, v in weights(again).items())
+    assert any(not torch.equal(w[k], v) for k, v in weights(other).items())

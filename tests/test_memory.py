@@ -10,6 +10,7 @@ import caft_tl as ct
 from caft_tl.lora import apply_lora, lora_parameters
 from caft_tl.memory import count_parameters, estimate_finetune_memory
 from caft_tl.models import tie_embeddings, tiny
+from tests._autograd import saved_bytes
 
 
 def _nbytes(tensors) -> int:
@@ -41,12 +42,43 @@ def test_lora_counts_adapters_and_merged_copies():
     model = tiny(tokenizer=None)
     lora = ct.LoraConfig(r=4, targets=("W_Q", "W_V", "W_in"), layers=(1,))
     est = estimate_finetune_memory(model.cfg, batch_size=2, seq_len=8, lora=lora)
+    merged = estimate_finetune_memory(
+        model.cfg, batch_size=2, seq_len=8, lora=lora, lora_form="merged"
+    )
     apply_lora(model, lora)
     assert est.n_trainable == sum(p.numel() for p in lora_parameters(model))
     block = model.blocks[1]
     targeted = [block.attn.W_Q, block.attn._W_V, block.mlp.W_in]  # grouped: V's own width
-    assert est.lora_merged == _nbytes(targeted)
+    assert merged.lora_merged == _nbytes(targeted) and est.lora_merged == 0
     assert est.optimizer == 2 * est.gradients == 2 * 4 * est.n_trainable
+    # The factored form keeps x A^T (r numbers per token and adapted matrix) instead.
+    assert est.activations > merged.activations
+
+
+@pytest.mark.parametrize("lora", [None, ct.LoraConfig(r=8)])
+@pytest.mark.parametrize("seq_len", [16, 96])  # 32 token rows; 192: q/k/v through a copy
+def test_activation_estimate_matches_what_autograd_keeps(lora, seq_len):
+    model = tiny(tokenizer=None, n_layers=4, d_model=128, n_heads=4, d_mlp=384)
+    if lora is not None:
+        apply_lora(model, lora)
+    tokens = torch.randint(0, 1000, (2, seq_len), generator=torch.Generator().manual_seed(0))
+    est = estimate_finetune_memory(
+        model.cfg, batch_size=2, seq_len=seq_len, lora=lora, autocast_bf16=False
+    )
+    _, measured = saved_bytes(model, lambda: model(tokens, stop_at_layer=model.cfg.n_layers))
+    assert 0.85 < measured / (est.activations + est.weight_copies) < 1.15
+    assert (est.weight_copies > 0) == (seq_len == 96)
+
+
+def test_gradient_checkpointing_keeps_block_inputs_only():
+    cfg = tiny(tokenizer=None, n_layers=8).cfg
+    full = estimate_finetune_memory(cfg, batch_size=4, seq_len=256, dtype="bfloat16")
+    ckpt = estimate_finetune_memory(
+        cfg, batch_size=4, seq_len=256, dtype="bfloat16", gradient_checkpointing=True
+    )
+    assert ckpt.activations < full.activations / 4
+    assert ckpt.weight_copies * 8 == full.weight_copies > 0
+    assert ckpt.activations == 4 * 256 * 2 * (8 * 64) + full.activations // 8
 
 
 def test_estimates_scale_as_they_should():
@@ -71,6 +103,8 @@ def test_bad_input_is_a_clear_error():
         )
     with pytest.raises(ValueError, match="d_model, n_heads and n_layers"):
         count_parameters({"d_model": 8})
+    with pytest.raises(ValueError, match="lora_form"):
+        estimate_finetune_memory(cfg, batch_size=1, seq_len=8, lora_form="fused")
 
 
 def test_paper_scale_plan_is_computable():
@@ -81,10 +115,12 @@ def test_paper_scale_plan_is_computable():
     }  # fmt: skip
     n = count_parameters(qwen32b)
     assert 32.5e9 < n < 33.0e9  # HF: 32.76B (without TransformerLens's zero biases)
-    est = estimate_finetune_memory(
-        qwen32b, batch_size=1, seq_len=1024, dtype="bfloat16", lora=ct.LoraConfig(r=32)
-    )
+    plan = dict(batch_size=1, seq_len=1024, dtype="bfloat16", lora=ct.LoraConfig(r=32))
+    est = estimate_finetune_memory(qwen32b, **plan, gradient_checkpointing=True)
     assert 60 < est.weights / 2**30 < 62
+    # Factored LoRA and checkpointing fit an 80 GB GPU; merged adapters would not.
+    assert est.total / 2**30 < 70
+    assert estimate_finetune_memory(qwen32b, **plan, lora_form="merged").total / 2**30 > 140
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from caft_tl import cli
 from caft_tl.directions import ConceptSet
 from caft_tl.directions.baselines import random_directions
 from caft_tl.interventions import Ablation
+from caft_tl.lora import LoraConfig
 from caft_tl.train import TrainConfig, finetune
 
 pytestmark = pytest.mark.slow
@@ -148,4 +149,22 @@ def test_cli_with_concepts_and_kill_resume(embedded_model, tmp_path, capsys):
     for name, p in params.items():
         assert torch.equal(p.detach(), straight[name]), name
     del resumed, straight, params
+    gc.collect()
+
+
+def test_lora_with_gradient_checkpointing_matches_the_plain_lora_run(embedded_model):
+    # The embedded model through the fast path: factored adapters, checkpointed blocks.
+    lora = cfg(lora=LoraConfig(r=8), lr=1e-3)
+    ablation = Ablation(concepts(embedded_model.cfg.d_model))
+    plain = finetune(embedded_model, CHATS, lora, intervention=ablation)
+    plain_weights = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    del plain
+    gc.collect()
+    ckpt = finetune(
+        embedded_model, CHATS, cfg(lora=LoraConfig(r=8), lr=1e-3, gradient_checkpointing=True),
+        intervention=ablation,
+    )  # fmt: skip
+    assert max_diff(ckpt, embedded_model) > 1e-5  # the adapters trained and were merged
+    assert max_diff(ckpt, plain_weights) < 1e-5
+    del ckpt, plain_weights
     gc.collect()
