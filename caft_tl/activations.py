@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from caft_tl import distributed as dist
 from caft_tl.data import DataError, as_dataset, batches, pad_id, tokenize
 
 Positions = Literal["all", "assistant", "last"]
@@ -207,23 +208,106 @@ class _ShardSink:
 
     def close(self, token_ids: list[list[int]], meta: dict[str, Any]) -> Activations:
         self._flush()
-        meta = {**meta, "format": FORMAT, "hooks": self.hooks, "n_tokens": self.n_tokens}
-        if self.path is not None:
-            lengths = torch.tensor([0] + [len(t) for t in token_ids])
-            save_file(
-                {
-                    "flat": torch.tensor([i for ids in token_ids for i in ids], dtype=torch.long),
-                    "offsets": lengths.cumsum(0),
-                },
-                str(self.path / "tokens.safetensors"),
-            )
-            meta["shards"] = [p.name for p in self.chunks]
-            meta["path"] = str(self.path)
-            # meta.json last: a folder without it is an interrupted write, never a result.
-            tmp = self.path / "meta.json.tmp"
-            tmp.write_text(json.dumps({k: v for k, v in meta.items() if k != "path"}, indent=2))
-            tmp.replace(self.path / "meta.json")
-        return Activations(self.chunks, self.hooks, token_ids, meta)
+        return _finish(self.path, self.hooks, self.chunks, self.n_tokens, token_ids, meta)
+
+
+def _finish(
+    path: Path | None,
+    hooks: list[str],
+    chunks: list[Any],
+    n_tokens: int,
+    token_ids: list[list[int]],
+    meta: dict[str, Any],
+) -> Activations:
+    """The result of a cache: with ``path``, its token ids and ``meta.json`` are written
+    (the shards, ``chunks``, already are)."""
+    meta = {**meta, "format": FORMAT, "hooks": hooks, "n_tokens": n_tokens}
+    if path is not None:
+        lengths = torch.tensor([0] + [len(t) for t in token_ids])
+        save_file(
+            {
+                "flat": torch.tensor([i for ids in token_ids for i in ids], dtype=torch.long),
+                "offsets": lengths.cumsum(0),
+            },
+            str(path / "tokens.safetensors"),
+        )
+        meta["shards"] = [p.name for p in chunks]
+        meta["path"] = str(path)
+        # meta.json last: a folder without it is an interrupted write, never a result.
+        tmp = path / "meta.json.tmp"
+        tmp.write_text(json.dumps({k: v for k, v in meta.items() if k != "path"}, indent=2))
+        tmp.replace(path / "meta.json")
+    return Activations(chunks, hooks, token_ids, meta)
+
+
+# ------------------------------------------------------------------------- several ranks
+#
+# Under torchrun each rank caches a contiguous share of the batches (the very batches one
+# process makes, so the same padding and numbers) into ``<out>/.parts/rank-R/``; closing
+# moves every rank's shards, in rank order, into ``<out>`` and rank 0 writes the token ids
+# and meta.json: the folder one process writes, rows in the same order (only where shards
+# split may differ). Without ``out`` the rows are gathered to every rank in memory.
+
+_PARTS = ".parts"
+
+
+def _check_new_folder(path: Path) -> None:
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists and is not empty; choose a new folder")
+
+
+def _open_sink(
+    path: Path | None, hooks: Sequence[str], shard_tokens: int | None, shard_bytes: int | None
+) -> _ShardSink:
+    if path is None or not dist.is_distributed():
+        return _ShardSink(path, hooks, shard_tokens, shard_bytes)
+    dist.check_on_main(lambda: _check_new_folder(path))
+    return _ShardSink(path / _PARTS / f"rank-{dist.rank():05d}", hooks, shard_tokens, shard_bytes)
+
+
+def _close_sink(
+    sink: _ShardSink, path: Path | None, token_ids: list[list[int]], meta: dict[str, Any]
+) -> Activations:
+    if not dist.is_distributed():
+        return sink.close(token_ids, meta)
+    sink._flush()
+    n_tokens = sum(dist.gather_objects(sink.n_tokens))
+    if path is None:  # in memory: every rank gets every rank's rows
+        chunks = [c for part in dist.gather_objects(sink.chunks) for c in part]
+        return _finish(None, sink.hooks, chunks, n_tokens, token_ids, meta)
+    parts = dist.gather_objects([p.name for p in sink.chunks])  # also: every rank is done
+    if dist.is_main():
+        shards = []
+        for r, names in enumerate(parts):
+            for name in names:
+                shard = path / f"shard_{len(shards):05d}.safetensors"
+                (path / _PARTS / f"rank-{r:05d}" / name).replace(shard)
+                shards.append(shard)
+        shutil.rmtree(path / _PARTS)
+        _finish(path, sink.hooks, shards, n_tokens, token_ids, meta)
+    dist.barrier()  # meta.json is on disk before any rank reads it
+    return Activations.load(path)
+
+
+def _my_batches(ds: Dataset, batch_size: int, pad: int) -> tuple[Iterator[dict], int]:
+    """This rank's batches (all of them outside torchrun) and how many there are. Each
+    batch's ``example_index`` indexes the whole dataset."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(ds) == 0:
+        raise DataError("no examples (empty dataset)")
+    mine = dist.my_range(-(-len(ds) // batch_size))
+    start, stop = mine.start * batch_size, min(mine.stop * batch_size, len(ds))
+    if start >= stop:
+        return iter(()), 0
+    part = ds if (start, stop) == (0, len(ds)) else ds.select(range(start, stop))
+
+    def shifted() -> Iterator[dict]:
+        for batch in batches(part, batch_size, pad_token_id=pad, padding_side="right"):
+            batch["example_index"] = batch["example_index"] + start
+            yield batch
+
+    return shifted(), len(mine)
 
 
 # ------------------------------------------------------------------------- checks
@@ -387,16 +471,15 @@ def cache_activations(
         dtype: storage dtype (``None``: the model's).
     """
     hooks, ds = _prepare(model, data, hooks, positions, max_length)
-    sink = _ShardSink(
-        Path(out) if out is not None else None, hooks, shard_tokens, int(shard_mb * 2**20)
-    )
-    n_batches = -(-len(ds) // batch_size)
-    it = batches(ds, batch_size, pad_token_id=pad_id(model.tokenizer), padding_side="right")
+    path = Path(out) if out is not None else None
+    sink = _open_sink(path, hooks, shard_tokens, int(shard_mb * 2**20))
+    it, n_batches = _my_batches(ds, batch_size, pad_id(model.tokenizer))
+    show = progress and dist.is_main()
     with torch.inference_mode():
-        for batch in tqdm(it, total=n_batches, desc="caching activations", disable=not progress):
+        for batch in tqdm(it, total=n_batches, desc="caching activations", disable=not show):
             sink.add(_batch_rows(model, hooks, batch, positions, dtype))
     meta = _meta(model, ds, positions)
-    return sink.close([list(ids) for ids in ds["input_ids"]], meta)
+    return _close_sink(sink, path, [list(ids) for ids in ds["input_ids"]], meta)
 
 
 def _meta(model: HookedTransformer, ds: Dataset, positions: str, **extra: Any) -> dict:
@@ -443,14 +526,12 @@ def activation_diff(
     root = Path(out) if out is not None else None
     kinds = ("diff", "base", "finetuned") if return_both else ("diff",)
     budget = int(shard_mb * 2**20)
-    sinks = {
-        k: _ShardSink(None if root is None else root / k, hooks, shard_tokens, budget)
-        for k in kinds
-    }
-    n_batches = -(-len(ds) // batch_size)
-    it = batches(ds, batch_size, pad_token_id=pad_id(base.tokenizer), padding_side="right")
+    paths = {k: None if root is None else root / k for k in kinds}
+    sinks = {k: _open_sink(paths[k], hooks, shard_tokens, budget) for k in kinds}
+    it, n_batches = _my_batches(ds, batch_size, pad_id(base.tokenizer))
+    show = progress and dist.is_main()
     with torch.inference_mode():
-        for batch in tqdm(it, total=n_batches, desc="activation diff", disable=not progress):
+        for batch in tqdm(it, total=n_batches, desc="activation diff", disable=not show):
             a = _batch_rows(base, hooks, batch, positions, torch.float32)
             b = _batch_rows(finetuned, hooks, batch, positions, torch.float32)
             diff = {k: (b[k] - a[k]) if k in hooks else a[k] for k in a}
@@ -458,8 +539,8 @@ def activation_diff(
                 sinks[kind].add(chunk)
     token_ids = [list(ids) for ids in ds["input_ids"]]
     meta = _meta(base, ds, positions, finetuned=finetuned.cfg.model_name)
-    results = {k: sinks[k].close(token_ids, {**meta, "kind": k}) for k in kinds}
-    if root is not None:
+    results = {k: _close_sink(sinks[k], paths[k], token_ids, {**meta, "kind": k}) for k in kinds}
+    if root is not None and dist.is_main():
         (root / "README.txt").write_text("caft-tl activation diff: diff = finetuned - base\n")
     if return_both:
         return ActivationDiff(**results)

@@ -83,9 +83,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    from caft_tl import distributed
     from caft_tl.activations import cache_activations
 
-    model = _load(args.model, args.device, args.dtype)
+    # Under torchrun each rank caches its share of the batches on its own device and the
+    # shards merge into one folder.
+    distributed.setup()
+    device = args.device
+    if distributed.is_distributed() and device is None:
+        device = str(distributed.device())
+    with distributed.main_first():  # one rank converts the embedded model into the cache
+        model = _load(args.model, device, args.dtype)
     acts = cache_activations(
         model,
         _read_data(args.data),
@@ -95,7 +103,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         out=args.out,
         max_length=args.max_length,
     )
-    print(acts)
+    if distributed.is_main():
+        print(acts)
     return 0
 
 

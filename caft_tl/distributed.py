@@ -10,6 +10,10 @@ normalised by the whole step's target count, and gradients are summed over ranks
 rank 0 writes metrics, checkpoints and the final model; every rank reads the checkpoint to
 resume.
 
+:func:`caft_tl.cache_activations` and :func:`caft_tl.activation_diff` split their batches
+the same way: each rank runs a contiguous share and the shards merge, in order, into the
+very result one process writes.
+
 Without ``torchrun`` (``WORLD_SIZE`` unset or 1) nothing here does anything.
 """
 
@@ -23,7 +27,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "is_main", "rank", "setup", "world_size"]
+__all__ = [
+    "barrier",
+    "broadcast_object",
+    "check_on_main",
+    "device",
+    "gather_objects",
+    "is_distributed",
+    "is_main",
+    "main_first",
+    "my_range",
+    "rank",
+    "setup",
+    "sum_over_ranks",
+    "world_size",
+]
 
 
 def is_distributed() -> bool:
@@ -99,6 +117,35 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` without a group)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def my_range(n: int) -> range:
+    """This rank's contiguous share of ``range(n)`` (shares differ in length by at most
+    one; concatenated in rank order they are ``range(n)``)."""
+    return range(rank() * n // world_size(), (rank() + 1) * n // world_size())
+
+
+def check_on_main(check: Any) -> None:
+    """Run ``check()`` on rank 0 only and raise its error (if any) on every rank, so no rank
+    goes on alone and no rank inspects files rank 0 is about to write."""
+    error = None
+    if is_main():
+        try:
+            check()
+        except Exception as exc:  # re-raised on every rank below
+            error = exc
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
 
 
 def _collective_device() -> torch.device:

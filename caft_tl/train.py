@@ -726,7 +726,8 @@ def _finetune(
             intervention,
             base_fp,
         )
-        _check_out_on_main(out_dir, identity, resume)
+        # Rank 0 looks (the others must not: it writes the run file right after).
+        dist.check_on_main(lambda: _check_out(out_dir, identity, resume))
         if resume and (out_dir / "checkpoint" / STATE_FILE).exists():
             state = _load_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler)
             step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
@@ -869,17 +870,3 @@ def _rank_share(index: list[int]) -> tuple[list[int], float]:
         return index, 1.0
     mine = index[dist.rank() :: dist.world_size()]
     return (mine, float(dist.world_size())) if mine else (index[:1], 0.0)
-
-
-def _check_out_on_main(out: Path, identity: dict, resume: bool) -> None:
-    """:func:`_check_out` on rank 0, its verdict raised on every rank (the others must not
-    look: rank 0 writes the run file right after)."""
-    error = None
-    if dist.is_main():
-        try:
-            _check_out(out, identity, resume)
-        except (FileExistsError, ValueError, OSError) as exc:
-            error = exc
-    error = dist.broadcast_object(error)
-    if error is not None:
-        raise error

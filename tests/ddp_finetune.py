@@ -1,7 +1,7 @@
 """A short CAFT fine-tune of a tiny model, run by tests/test_distributed.py both under
 ``torchrun --nproc_per_node=2`` (gloo) and as a single process.
 
-    python tests/ddp_finetune.py OUT [--resume] [--stop-after STEP]
+    python tests/ddp_finetune.py OUT [--resume] [--stop-after STEP] [--lora] [--checkpointing]
 
 Writes the run to OUT (metrics, checkpoint, final model: rank 0 only).
 """
@@ -47,6 +47,8 @@ def main() -> int:
     parser.add_argument("out")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--stop-after", type=int)
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters (r=4)")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     args = parser.parse_args()
     warnings.simplefilter("ignore", DeprecationWarning)
     torch.set_num_threads(1)
@@ -61,6 +63,8 @@ def main() -> int:
         save_every=1,
         progress=False,
         seed=0,
+        lora=ct.LoraConfig(r=4) if args.lora else None,
+        gradient_checkpointing=args.checkpointing,
     )
 
     def stop(record):

@@ -1,5 +1,7 @@
-"""CAFT fine-tuning under torchrun (2 CPU processes, gloo) against a single process with the
-same global batch: same metrics, same final weights, and resume after a kill."""
+"""torchrun (CPU processes, gloo) against a single process: CAFT fine-tuning with the same
+global batch gives the same metrics and final weights (also with LoRA and gradient
+checkpointing) and resumes after a kill; activation caching and diffs split across ranks
+give the same activations, in the same on-disk format."""
 
 from __future__ import annotations
 
@@ -19,14 +21,16 @@ SCRIPT = Path(__file__).with_name("ddp_finetune.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(out: Path, *extra: str, nproc: int | None = None) -> subprocess.CompletedProcess:
+def _run(
+    out: Path, *extra: str, nproc: int | None = None, script: Path = SCRIPT
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable]
     if nproc is not None:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += [str(SCRIPT), str(out), *extra]
+    cmd += [str(script), str(out), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -70,6 +74,13 @@ def test_two_processes_train_like_one(single, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in single.iterdir())
 
 
+def test_lora_with_gradient_checkpointing_trains_like_one(tmp_path):
+    flags = ("--lora", "--checkpointing")
+    _ok(_run(tmp_path / "single", *flags))
+    _ok(_run(tmp_path / "ddp", *flags, nproc=2))
+    _same_run(tmp_path / "single", tmp_path / "ddp")
+
+
 def test_distributed_run_resumes_after_a_kill(single, tmp_path):
     out = tmp_path / "ddp"
     _ok(_run(out, "--stop-after", "2", nproc=2), code=1)  # torchrun reports the failure
@@ -93,3 +104,67 @@ def test_incomplete_torchrun_environment_is_a_clear_error(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(RuntimeError, match="start the run with torchrun"):
         distributed.setup()
+
+
+# ------------------------------------------------------------------------ activation caching
+
+CACHE_SCRIPT = Path(__file__).with_name("ddp_cache.py")
+
+
+def _cache(out: Path, nproc: int | None = None) -> None:
+    _ok(_run(out, nproc=nproc, script=CACHE_SCRIPT))
+
+
+def _same_activations(a: Path, b: Path) -> None:
+    x, y = ct.Activations.load(a), ct.Activations.load(b)
+    assert x.hooks == y.hooks and len(x) == len(y) > 0
+    assert x.token_ids == y.token_ids
+    for key in ("example", "position", "token", "target"):
+        assert torch.equal(getattr(x.rows, key), getattr(y.rows, key)), key
+    for hook in x.hooks:
+        torch.testing.assert_close(x[hook], y[hook], atol=1e-6, rtol=0, msg=hook)
+    meta = {k: v for k, v in x.meta.items() if k not in ("path", "shards")}
+    assert meta == {k: v for k, v in y.meta.items() if k not in ("path", "shards")}
+
+
+@pytest.mark.parametrize("nproc", [2, 4])  # 4 ranks: 6 batches do not split evenly
+def test_distributed_caching_equals_one_process(tmp_path, nproc):
+    _cache(tmp_path / "single")
+    _cache(tmp_path / "ddp", nproc=nproc)
+    for part in ("cache", "diff/diff", "diff/base", "diff/finetuned", "memory"):
+        _same_activations(tmp_path / "single" / part, tmp_path / "ddp" / part)
+    # The shards were moved into place: no per-rank folders are left behind.
+    assert not list((tmp_path / "ddp").rglob(".parts"))
+    assert len(ct.Activations.load(tmp_path / "ddp" / "cache").meta["shards"]) > nproc
+
+
+def test_distributed_caching_refuses_a_used_folder(tmp_path):
+    (tmp_path / "ddp" / "cache").mkdir(parents=True)
+    (tmp_path / "ddp" / "cache" / "keep.txt").write_text("mine")
+    proc = _run(tmp_path / "ddp", nproc=2, script=CACHE_SCRIPT)
+    assert proc.returncode != 0 and "not empty" in proc.stderr
+    assert (tmp_path / "ddp" / "cache" / "keep.txt").read_text() == "mine"
+
+
+def test_cli_cache_under_torchrun(tmp_path):
+    from caft_tl.models import save_model, tiny
+
+    checkpoint = save_model(tiny(seed=0), tmp_path / "tiny")
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(f"text number {i} " * (1 + i % 4) for i in range(9)))
+    args = [str(checkpoint), str(data), "--hooks", "blocks.1.hook_resid_post"]
+    args += ["--batch-size", "2", "--positions", "last"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for cmd, out in (
+        ([sys.executable, "-m", "caft_tl.cli", "--device", "cpu", "cache"], tmp_path / "one"),
+        ([*ddp, "-m", "caft_tl.cli", "cache"], tmp_path / "two"),  # each rank: its device
+    ):
+        proc = subprocess.run(
+            [*cmd, *args, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600
+        )
+        _ok(proc)
+        assert proc.stdout.count("Activations(9 tokens from 9 examples") == 1  # rank 0 prints
+    _same_activations(tmp_path / "one", tmp_path / "two")
