@@ -199,6 +199,7 @@ def _train_config(args: argparse.Namespace):
         lora=_lora_config(args),
         keep_checkpoints=args.keep_checkpoints,
         gradient_checkpointing=args.gradient_checkpointing,
+        fsdp=args.fsdp,
         progress=not args.quiet,
     )
 
@@ -262,8 +263,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     data = _read_train_data(args.data, "DATA")
     eval_data = None if args.eval_data is None else _read_train_data(args.eval_data, "--eval-data")
+    device = args.device
+    if args.fsdp and distributed.is_distributed() and device is None:
+        device = "cpu"  # FSDP moves each rank's shards to its GPU; the whole may not fit one
     with distributed.main_first():  # one rank converts the embedded model into the cache
-        model = _load(args.model, args.device, args.dtype)
+        model = _load(args.model, device, args.dtype)
     intervention = _intervention(args, model, data)
     done = _finished_step(out) if args.resume else None
     steps: list[dict] = []
@@ -320,6 +324,11 @@ def _add_finetune_parser(sub) -> None:
         "--gradient-checkpointing",
         action="store_true",
         help="recompute each block in the backward pass (less activation memory)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard weights, gradients and optimiser state over the ranks",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -3,11 +3,14 @@
 :func:`estimate_finetune_memory` counts what :func:`caft_tl.finetune` keeps on each device,
 from the model's configuration alone (no weights are loaded):
 
-* **weights**: every parameter in the model's dtype (each data-parallel rank holds a
-  full replica: caft-tl trains with DDP, not FSDP);
+* **weights**: every parameter in the model's dtype (each DDP rank holds a full replica);
+  with ``fsdp`` over ``world_size`` ranks, a ``1 / world_size`` shard plus the whole
+  weights of the units being gathered (two blocks, FSDP prefetches the next; or the
+  embedding unit if larger);
 * **trainable state**: gradients in the model's dtype plus AdamW's two moments (in the
   parameter's dtype, as ``torch.optim.AdamW`` keeps them), for all weights, or for the LoRA
-  adapters only;
+  adapters only; with ``fsdp``, a shard of each, plus one unit's whole gradients before
+  they are reduce-scattered;
 * **LoRA merged weights**: only for ``lora_form="merged"`` (TransformerLens's own forward,
   ``fast=False``, or one of :mod:`caft_tl.fast`'s fallbacks), which materialises each
   targeted matrix ``W + scale * B A`` per forward and keeps it for the backward pass. The
@@ -141,9 +144,13 @@ def count_parameters(cfg: Any) -> int:
     block += s["q_width"] + 2 * s["kv_width"] + s["d_model"]  # b_Q, b_K, b_V, b_O
     block += s["d_mlp"] + s["d_model"]  # b_in, b_out
     block += 2 * s["d_model"]  # ln1.w, ln2.w
-    embed = s["d_vocab"] * s["d_model"]
-    unembed = s["d_vocab"] + (0 if s["tied"] else s["d_vocab"] * s["d_model"])  # + b_U
-    return s["n_layers"] * block + embed + unembed + s["d_model"]  # + ln_final.w
+    return s["n_layers"] * block + _outside_blocks(s)
+
+
+def _outside_blocks(s: dict[str, int]) -> int:
+    """Parameters outside the blocks: embedding, unembedding (and its bias), final norm."""
+    unembed = s["d_vocab"] + (0 if s["tied"] else s["d_vocab"] * s["d_model"])
+    return s["d_vocab"] * s["d_model"] + unembed + s["d_model"]
 
 
 def _lora_sizes(s: dict[str, int], lora: Any) -> tuple[int, int]:
@@ -168,9 +175,11 @@ def estimate_finetune_memory(
     autocast_bf16: bool | None = None,
     gradient_checkpointing: bool = False,
     lora_form: Literal["factored", "merged"] = "factored",
+    fsdp: bool = False,
+    world_size: int = 1,
 ) -> MemoryEstimate:
     """Memory per device of one :func:`caft_tl.finetune` step (single device, or each rank
-    under ``torchrun``: DDP replicates the model).
+    under ``torchrun``: DDP replicates the model, FSDP shards it).
 
     Args:
         cfg: the model's TransformerLens config (``model.cfg``, a ``HookedTransformerConfig``
@@ -186,9 +195,12 @@ def estimate_finetune_memory(
         gradient_checkpointing: ``TrainConfig.gradient_checkpointing``.
         lora_form: "factored" (the fast components, the default) or "merged" (see the
             module docstring).
+        fsdp, world_size: ``TrainConfig.fsdp`` and the number of ranks it shards over.
     """
     if batch_size < 1 or seq_len < 1:
         raise ValueError("batch_size and seq_len must be >= 1")
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
     if lora_form not in ("factored", "merged"):
         raise ValueError(f"lora_form must be 'factored' or 'merged', got {lora_form!r}")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -227,10 +239,19 @@ def estimate_finetune_memory(
     if autocast and width != 2:  # bf16 casts of the block's other matrices
         per_block_copies += sum(i * o for n, (i, o) in mats.items() if n not in QKV) * 2
     copies_alive = 1 if gradient_checkpointing else s["n_layers"]
+    weights, gradients, optimizer = n_params, n_trainable, 2 * n_trainable
+    if fsdp:
+        shards = world_size
+        block = (n_params - _outside_blocks(s)) // s["n_layers"]
+        unit = max(2 * block, s["d_vocab"] * s["d_model"] * (1 if s["tied"] else 2))
+        trainable_block = n_trainable // s["n_layers"] if lora is not None else block
+        weights = -(-n_params // shards) + unit
+        gradients = -(-n_trainable // shards) + trainable_block
+        optimizer = -(-2 * n_trainable // shards)
     return MemoryEstimate(
-        weights=n_params * width,
-        gradients=n_trainable * width,
-        optimizer=2 * n_trainable * width,
+        weights=weights * width,
+        gradients=gradients * width,
+        optimizer=optimizer * width,
         lora_merged=merged,
         weight_copies=per_block_copies * copies_alive,
         activations=activations,

@@ -60,6 +60,7 @@ from caft_tl.data.chat import (
     prepare_data,
     tokenize_prompt_answer,
 )
+from caft_tl.fsdp import full
 from caft_tl.lora import (
     LoraConfig,
     apply_lora,
@@ -92,7 +93,16 @@ LORA_FILE = "lora.safetensors"
 RUN_FORMAT = "caft_tl.train_run"
 # Config fields that may change when resuming: they do not change the weights.
 RESUMABLE_CHANGES = frozenset(
-    {"progress", "device", "save_every", "eval_every", "keep_checkpoints", "gradient_checkpointing"}
+    {
+        "progress",
+        "device",
+        "save_every",
+        "eval_every",
+        "keep_checkpoints",
+        "gradient_checkpointing",
+        "fsdp",
+        "in_place",
+    }
 )
 
 
@@ -113,7 +123,9 @@ class TrainConfig:
     ``gradient_checkpointing`` recomputes each block's forward during the backward pass
     (see :func:`checkpointed_blocks`): activation memory drops from every block's
     intermediates to the blocks' inputs, for about one more forward of compute; the update
-    is the same, so a run may resume with it switched.
+    is the same, so a run may resume with it switched. ``fsdp`` shards the model over the
+    ranks under ``torchrun`` instead of replicating it (:mod:`caft_tl.fsdp`); it does
+    nothing in a single process, and checkpoints are the same either way.
     A step sees ``batch_size * grad_accum`` examples, in forwards of at most ``batch_size``;
     under ``torchrun`` those examples are shared among the ranks, so the step is the same
     at any number of processes.
@@ -144,6 +156,7 @@ class TrainConfig:
     lora: LoraConfig | None = None
     keep_checkpoints: list[int] | None = None
     gradient_checkpointing: bool = False
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -185,7 +198,8 @@ class TrainConfig:
             )
         if self.device is not None and not isinstance(self.device, str):
             raise ValueError(f"device must be a string such as 'cuda' or None, got {self.device!r}")
-        for name in ("keep_intervention_at_eval", "in_place", "progress", "gradient_checkpointing"):
+        flags = ("keep_intervention_at_eval", "in_place", "progress", "gradient_checkpointing")
+        for name in (*flags, "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -536,13 +550,14 @@ def _plain(model: HookedTransformer) -> HookedTransformer:
 
 
 def _save_checkpoint(
-    folder: Path, model, optimizer, scheduler, state: dict, identity: dict
+    folder: Path, model, optimizer_state: dict, scheduler, state: dict, identity: dict
 ) -> None:
+    """``model``: the plain (unsharded) training model, LoRA adapters attached."""
     with atomic_folder(folder, overwrite=True) as tmp:
         save_model(_plain(model), tmp, metadata={"train_step": state["step"]})
         if has_lora(model):
             write_tensors(lora_state_dict(model), tmp / LORA_FILE)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -551,23 +566,32 @@ def _save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps({**identity, **state}, indent=2))
 
 
-def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
+def _load_checkpoint_weights(folder: Path, model) -> dict:
+    """Weights (or LoRA adapters) of a checkpoint into the unsharded ``model``; its state."""
     what = f"cannot resume from {folder}"
     state = read_json(folder / STATE_FILE, what)
-    device = next(model.parameters()).device
     if has_lora(model):  # the base is the caller's model (fingerprint-checked): adapters only
         load_lora_state_dict(model, read_tensors(folder / LORA_FILE, what))
     else:
         _load_weights(model, read_tensors(folder / "model.safetensors", what), what)
-    optimizer.load_state_dict(
-        torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
-    )
+    return state
+
+
+def _load_checkpoint_training(folder: Path, optimizer, scheduler, sharded: bool) -> None:
+    """The optimiser, schedule and RNG of a checkpoint (after the weights are in place)."""
+    device = optimizer.param_groups[0]["params"][0].device
+    saved = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
+    if sharded:
+        from caft_tl.fsdp import ShardedModel
+
+        ShardedModel.load_optimizer_state(optimizer, saved)
+    else:
+        optimizer.load_state_dict(saved)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     rng = torch.load(folder / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
 
 
 def _load_weights(model: HookedTransformer, weights: Mapping[str, Tensor], what: str) -> None:
@@ -637,10 +661,12 @@ def finetune(
     plain HookedTransformer, as trainable as the given one).
 
     Under ``torchrun`` (see :mod:`caft_tl.distributed`) every rank calls this with the same
-    arguments: the model trains through ``DistributedDataParallel``, each rank takes every
-    ``world_size``-th example of each step, and the update equals a single process's with
-    the same config (the global batch is ``batch_size * grad_accum`` examples at any number
-    of ranks). Rank 0 writes ``out``; every rank returns the trained model.
+    arguments: the model trains through ``DistributedDataParallel`` (or sharded with FSDP,
+    ``cfg.fsdp``), each rank takes every ``world_size``-th example of each step, and the
+    update equals a single process's with the same config (the global batch is
+    ``batch_size * grad_accum`` examples at any number of ranks). Rank 0 writes ``out``;
+    every rank returns the trained model (with FSDP: gathered, on CPU; the sharded training
+    copy is dropped, and an ``in_place`` model is consumed by the sharding).
 
     Randomness (LoRA dropout) comes from a torch RNG seeded with ``cfg.seed`` (plus the
     rank) and forked from the caller's, which stays as it was: the same config gives the
@@ -687,10 +713,14 @@ def _finetune(
         )
     if not cfg.in_place:
         model = copy.deepcopy(model)
+    sharded = cfg.fsdp and dist.is_distributed()
     target_device = dist.device() if dist.is_distributed() else cfg.device
-    if target_device is not None and torch.device(target_device) != next(model.parameters()).device:
+    if (
+        not sharded  # FSDP moves each rank's shards to its device itself
+        and target_device is not None
+        and torch.device(target_device) != next(model.parameters()).device
+    ):
         model.to(target_device, print_details=False)
-    device = next(model.parameters()).device
     base_fp = _weights_fingerprint(model) if cfg.lora is not None and out is not None else None
     if cfg.lora is not None:
         # Seeded from the run's seed, so a LoRA run is as repeatable as a full one.
@@ -708,15 +738,12 @@ def _finetune(
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
     _warn_unreachable(cfg, total)
-    optimizer = _optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, cfg.schedule)
-    )
     eval_batch = cfg.eval_batch_size or cfg.batch_size
     pad = pad_id(model.tokenizer)
 
     # ---- output folder and resuming ------------------------------------------------------
     step, tokens_seen, elapsed_before = 0, 0, 0.0
+    resume_from = None
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         identity = _run_identity(
@@ -729,13 +756,29 @@ def _finetune(
         # Rank 0 looks (the others must not: it writes the run file right after).
         dist.check_on_main(lambda: _check_out(out_dir, identity, resume))
         if resume and (out_dir / "checkpoint" / STATE_FILE).exists():
-            state = _load_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler)
+            # Weights go in before sharding; the optimiser state once the optimiser exists.
+            resume_from = out_dir / "checkpoint"
+            state = _load_checkpoint_weights(resume_from, model)
             step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
         if dist.is_main():
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / RUN_FILE).write_text(json.dumps(identity, indent=2))
             _keep_metrics_through(out_dir / METRICS_FILE, step)
         out_dir = out_dir if dist.is_main() else None  # the other ranks write nothing
+
+    # ---- sharding, optimiser ---------------------------------------------------------------
+    sharded_model = None
+    if sharded:
+        from caft_tl.fsdp import ShardedModel
+
+        sharded_model = ShardedModel(model, dist.device())
+    device = next(model.parameters()).device
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, cfg.schedule)
+    )
+    if resume_from is not None:
+        _load_checkpoint_training(resume_from, optimizer, scheduler, sharded)
 
     def evaluate() -> float:
         with _applied(intervention if cfg.keep_intervention_at_eval else None, model):
@@ -748,7 +791,7 @@ def _finetune(
     )
     was_training = model.training
     model.train()
-    ddp = _data_parallel(model)
+    ddp = None if sharded else _data_parallel(model)
     try:
         while step < total:
             epoch, position = divmod(step, steps_per_epoch)
@@ -770,11 +813,11 @@ def _finetune(
             ):
                 for j, batch in enumerate(micro):
                     # Gradients are exchanged once per step, after the last micro-batch.
-                    last = ddp is None or j == len(micro) - 1
-                    with nullcontext() if last else ddp.no_sync(), _autocast(device):
+                    sync = _gradient_sync(ddp, model if sharded else None, j == len(micro) - 1)
+                    with sync, _autocast(device):
                         loss, _ = target_loss_sum(model, batch, forward=ddp)
-                    # DDP averages over ranks; ``weight`` (world size, or 0 for a rank with
-                    # nothing to do this step) makes that the sum a single process computes.
+                    # DDP and FSDP average over ranks; ``weight`` (world size, or 0 for a rank
+                    # with nothing to do this step) makes that the sum one process computes.
                     (loss / n_targets * weight).backward()
                     step_loss += loss.item() if weight else 0.0
             step_loss = dist.sum_over_ranks(step_loss)
@@ -792,7 +835,7 @@ def _finetune(
                 "epoch": round(step / steps_per_epoch, 6),
                 "loss": step_loss / n_targets,
                 "lr": lr,
-                "grad_norm": float(grad_norm),
+                "grad_norm": float(full(grad_norm)),
                 "tokens": tokens_seen,
                 "elapsed": round(elapsed_before + time.perf_counter() - started, 3),
             }
@@ -800,6 +843,17 @@ def _finetune(
                 step == total or (cfg.eval_every is not None and step % cfg.eval_every == 0)
             ):
                 record["eval_loss"] = evaluate()
+            # What a checkpoint holds: the plain model and the optimiser state (gathered from
+            # the shards, on every rank, when sharded; only rank 0 writes).
+            plain, optimizer_state = model, None
+            if out is not None and _saves_at(cfg, step, total):
+                keeps_state = _checkpoints_at(cfg, step, total)
+                if sharded_model is not None:
+                    plain = sharded_model.gather(everyone=False)
+                    if keeps_state:
+                        optimizer_state = sharded_model.optimizer_state(optimizer)
+                elif keeps_state and dist.is_main():
+                    optimizer_state = optimizer.state_dict()
             if out_dir is not None:
                 with open(out_dir / METRICS_FILE, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -812,10 +866,12 @@ def _finetune(
                         "elapsed": record["elapsed"],
                     }
                     _save_checkpoint(
-                        out_dir / "checkpoint", model, optimizer, scheduler, state, identity
+                        out_dir / "checkpoint", plain, optimizer_state, scheduler, state, identity
                     )
                 if step in (cfg.keep_checkpoints or ()):
-                    _keep_snapshot(out_dir, model, step)
+                    _keep_snapshot(out_dir, plain, step)
+            if sharded_model is not None and plain is not None and plain is not model:
+                sharded_model.release()
             if out is not None and _saves_at(cfg, step, total):
                 # A rank that stops after this step (killed, or a callback raising) must
                 # not take the group down before rank 0's checkpoint is on disk.
@@ -828,9 +884,13 @@ def _finetune(
         bar.close()
         model.train(was_training)
         model.zero_grad(set_to_none=True)
-        if has_lora(model):  # also on errors, so an in-place model is never left half-adapted
-            merge_lora(model)
+        if has_lora(model) and not sharded:  # also on errors: an in-place model is never
+            merge_lora(model)  # left half-adapted (a sharded one is consumed anyway)
 
+    if sharded_model is not None:  # a plain model on CPU, on every rank
+        model = sharded_model.gather(everyone=True).train(was_training)
+        if has_lora(model):
+            merge_lora(model)
     if out_dir is not None:
         save_model(model, out_dir / "final", metadata={"train_config": cfg.to_dict()})
     dist.barrier()  # every rank returns once the final model is written
@@ -844,6 +904,16 @@ def _checkpoints_at(cfg: TrainConfig, step: int, total: int) -> bool:
 def _saves_at(cfg: TrainConfig, step: int, total: int) -> bool:
     """Whether rank 0 writes anything after ``step`` (a checkpoint or a kept snapshot)."""
     return _checkpoints_at(cfg, step, total) or step in (cfg.keep_checkpoints or ())
+
+
+def _gradient_sync(ddp: Any, sharded: Any, last: bool) -> Any:
+    """A context for one micro-batch's backward: gradients are exchanged only on the last
+    of a step (``ddp``: the DDP wrapper; ``sharded``: the FSDP-sharded model)."""
+    if sharded is not None:
+        sharded.set_requires_gradient_sync(last)
+    if ddp is None or last:
+        return nullcontext()
+    return ddp.no_sync()
 
 
 def _data_parallel(model: HookedTransformer) -> Any:

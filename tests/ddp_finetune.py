@@ -1,7 +1,8 @@
 """A short CAFT fine-tune of a tiny model, run by tests/test_distributed.py both under
 ``torchrun --nproc_per_node=2`` (gloo) and as a single process.
 
-    python tests/ddp_finetune.py OUT [--resume] [--stop-after STEP] [--lora] [--checkpointing]
+    python tests/ddp_finetune.py OUT [--resume] [--stop-after STEP]
+        [--lora] [--checkpointing] [--fsdp]
 
 Writes the run to OUT (metrics, checkpoint, final model: rank 0 only).
 """
@@ -15,6 +16,7 @@ import warnings
 import torch
 
 import caft_tl as ct
+from caft_tl import distributed
 from caft_tl.directions import ConceptSet, random_directions
 from caft_tl.interventions import Ablation
 from caft_tl.models import tiny
@@ -49,6 +51,7 @@ def main() -> int:
     parser.add_argument("--stop-after", type=int)
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters (r=4)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP")
     args = parser.parse_args()
     warnings.simplefilter("ignore", DeprecationWarning)
     torch.set_num_threads(1)
@@ -65,9 +68,14 @@ def main() -> int:
         seed=0,
         lora=ct.LoraConfig(r=4) if args.lora else None,
         gradient_checkpointing=args.checkpointing,
+        fsdp=args.fsdp,
+        in_place=args.fsdp,  # so the callback can see the sharded training model
     )
 
     def stop(record):
+        if args.fsdp and distributed.is_distributed():
+            weight = model.blocks[0].ln1.w  # each rank holds half of every parameter
+            assert weight.to_local().numel() * 2 == weight.numel(), type(weight)
         if args.stop_after is not None and record["step"] == args.stop_after:
             raise Stop
 

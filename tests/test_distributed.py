@@ -81,6 +81,24 @@ def test_lora_with_gradient_checkpointing_trains_like_one(tmp_path):
     _same_run(tmp_path / "single", tmp_path / "ddp")
 
 
+def test_fsdp_trains_and_resumes_like_one(single, tmp_path):
+    out = tmp_path / "fsdp"
+    _ok(_run(out, "--fsdp", "--stop-after", "2", nproc=2), code=1)
+    _ok(_run(out, "--fsdp", "--resume", nproc=2))  # the optimiser state goes back into shards
+    _same_run(single, out)
+
+
+def test_fsdp_with_lora_and_checkpointing_resumes_like_one_process(tmp_path):
+    flags = ("--lora", "--checkpointing")
+    _ok(_run(tmp_path / "single", *flags))
+    out = tmp_path / "fsdp"
+    _ok(_run(out, *flags, "--fsdp", "--stop-after", "2", nproc=2), code=1)
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+    # Checkpoints have one format: the sharded run resumes without sharding, on 1 process.
+    _ok(_run(out, *flags, "--resume"))
+    _same_run(tmp_path / "single", out)
+
+
 def test_distributed_run_resumes_after_a_kill(single, tmp_path):
     out = tmp_path / "ddp"
     _ok(_run(out, "--stop-after", "2", nproc=2), code=1)  # torchrun reports the failure
@@ -168,3 +186,58 @@ def test_cli_cache_under_torchrun(tmp_path):
         _ok(proc)
         assert proc.stdout.count("Activations(9 tokens from 9 examples") == 1  # rank 0 prints
     _same_activations(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_embedded_model_fsdp_lora_checkpointing_from_the_cli(embedded_model, tmp_path):
+    """The paper-scale recipe (LoRA, gradient checkpointing, FSDP, CAFT) on the real model:
+    2 sharded processes from the command line equal one plain process."""
+    from safetensors.torch import load_file
+
+    from caft_tl.directions import ConceptSet, random_directions
+
+    hook = "blocks.15.hook_resid_post"
+    like = ConceptSet({hook: torch.zeros(8, embedded_model.cfg.d_model)})
+    random_directions(like, seed=0).save(tmp_path / "concepts")
+    chats = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in [("Capital of France?", "Paris."), ("Two plus two?", "Four."),
+                     ("Colour of grass?", "Green."), ("Opposite of hot?", "Cold.")]
+    ]  # fmt: skip
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    args = ["finetune", "embedded", str(data), "--max-steps", "2", "--batch-size", "2"]
+    args += ["--lr", "1e-3", "--lora-r", "4", "--gradient-checkpointing", "--quiet"]
+    args += ["--concepts", str(tmp_path / "concepts"), "--mode", "zero"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for cmd, out, extra in (
+        ([sys.executable, "-m", "caft_tl.cli", "--device", "cpu"], tmp_path / "one", []),
+        ([*ddp, "-m", "caft_tl.cli"], tmp_path / "fsdp", ["--fsdp"]),
+    ):
+        proc = subprocess.run(
+            [*cmd, *args, "--out", str(out), *extra],
+            env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        _ok(proc)
+        assert proc.stdout.count("trained to step 2") == 1  # rank 0 reports
+    for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "fsdp"), strict=True):
+        assert x["tokens"] == y["tokens"]
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)  # step 2: after one update
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
+    one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    two = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    base = {n: p.detach() for n, p in embedded_model.named_parameters()}
+    moved = [n for n in one if not torch.equal(one[n], base[n])]
+    assert len(moved) > 200  # the adapters trained and were merged into every targeted matrix
+    # Not element for element: a fresh LoRA B gets AdamW's first step, lr * sign(gradient),
+    # so a gradient entry at rounding level (summed over 2 ranks vs 1) can flip sign.
+    # Measured: 0.02% of entries differ by more than 1e-5, 2e-4 of the total change.
+    change = sum((one[n] - base[n]).abs().sum() for n in one)
+    diff = sum((two[n] - one[n]).abs().sum() for n in one)
+    assert diff / change < 1e-3
+    off = sum(int(((two[n] - one[n]).abs() > 1e-5).sum()) for n in one)
+    assert off / sum(t.numel() for t in one.values()) < 1e-3

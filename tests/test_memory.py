@@ -92,6 +92,24 @@ def test_estimates_scale_as_they_should():
     assert "weights" in one.table() and one.total > one.weights
 
 
+def test_fsdp_shards_weights_and_optimizer_state():
+    qwen7b = {
+        "d_model": 3584, "n_layers": 28, "n_heads": 28, "d_head": 128,
+        "n_key_value_heads": 4, "d_mlp": 18944, "d_vocab": 152064, "gated_mlp": True,
+    }  # fmt: skip
+    plan = dict(batch_size=1, seq_len=1024, dtype="bfloat16", gradient_checkpointing=True)
+    ddp = estimate_finetune_memory(qwen7b, **plan, world_size=8)
+    fsdp = estimate_finetune_memory(qwen7b, **plan, fsdp=True, world_size=8)
+    assert ddp.weights == count_parameters(qwen7b) * 2  # world_size alone changes nothing
+    assert fsdp.optimizer * 8 == pytest.approx(ddp.optimizer, abs=16)
+    # A shard plus the gathered units (here the untied embedding and unembedding).
+    assert fsdp.weights == -(-ddp.weights // 2 // 8) * 2 + 2 * 152064 * 3584 * 2
+    assert fsdp.activations == ddp.activations
+    assert fsdp.total < ddp.total / 3
+    with pytest.raises(ValueError, match="world_size"):
+        estimate_finetune_memory(qwen7b, **plan, world_size=0)
+
+
 def test_bad_input_is_a_clear_error():
     cfg = tiny(tokenizer=None).cfg
     with pytest.raises(ValueError, match="batch_size and seq_len"):
