@@ -376,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
 
+    from caft_tl.cli_scale import add_parser as add_scale_parser
+
+    add_scale_parser(sub)
+
     smoke = sub.add_parser("smoke", help="load, chat and cache on the embedded model")
     smoke.set_defaults(func=cmd_smoke)
 

@@ -315,6 +315,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     n_ctx: int | None = None,
     fast: bool = True,
+    n_devices: int = 1,
 ) -> HookedTransformer:
     """Load a model as a ``HookedTransformer``.
 
@@ -327,9 +328,54 @@ def load_model(
         n_ctx: context length for HF folders (default: the model's, capped at 2048).
         fast: use :mod:`caft_tl.fast`'s shorter forward paths (same weights and hook
             names; logits equal to float rounding). ``False`` gives TransformerLens's own.
+        n_devices: split the blocks over this many CUDA GPUs for inference-side steps
+            (:func:`split_across_devices`; ``device`` is then ignored).
     """
+    if not (isinstance(n_devices, int) and n_devices >= 1):
+        raise ValueError(f"n_devices must be an integer >= 1, got {n_devices!r}")
+    if n_devices > 1:
+        _check_cuda_devices(n_devices)
+        device = "cpu"  # loaded on the host, then each module goes to its GPU
     model = _load(name, device, dtype, n_ctx)
+    if n_devices > 1:
+        split_across_devices(model, n_devices)
     return accelerate(model) if fast else model
+
+
+def _check_cuda_devices(n_devices: int) -> None:
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available < n_devices:
+        raise ValueError(
+            f"n_devices={n_devices} splits the model over that many CUDA GPUs; this machine "
+            f"has {available}. Use n_devices=1 (the default) here."
+        )
+
+
+def split_across_devices(model: HookedTransformer, n_devices: int) -> HookedTransformer:
+    """Spread a model's blocks over GPUs ``cuda:0 .. cuda:n_devices-1`` in order, for
+    inference-side steps (caching, evaluation, generation) of a model too big for one GPU.
+
+    TransformerLens's forward already moves the residual stream to block ``i``'s device
+    (``get_device_for_block_index``) but its own loading puts every module on one GPU; this
+    places each block where that forward expects it: the embedding on the first GPU, the
+    final norm and unembedding with the last block. Training (``finetune``) uses one device
+    per process: split the work with ``torchrun`` and FSDP instead."""
+    from transformer_lens.utilities.multi_gpu import get_device_for_block_index
+
+    _check_cuda_devices(n_devices)
+    model.cfg.n_devices = n_devices
+    model.cfg.device = "cuda"
+    first = get_device_for_block_index(0, model.cfg)
+    last = get_device_for_block_index(model.cfg.n_layers - 1, model.cfg)
+    for name in ("embed", "hook_embed", "pos_embed", "hook_pos_embed"):
+        if hasattr(model, name):
+            getattr(model, name).to(first)
+    for i, block in enumerate(model.blocks):
+        block.to(get_device_for_block_index(i, model.cfg))
+    for name in ("ln_final", "unembed"):
+        if hasattr(model, name):
+            getattr(model, name).to(last)
+    return model
 
 
 def _load(
@@ -426,7 +472,14 @@ def _load_hf_folder(
     cfg = tl_config_from_hf(
         hf_config, n_ctx=n_ctx, dtype=dtype, device=device, model_name=path.name
     )
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    # A folder stored in the half-precision target dtype loads in it: a 32B model in float32
+    # needs 130 GB of host memory per process. The conversion only rearranges weights (and
+    # shifts or scales a few by constants, rounded once from exact inputs either way), so
+    # this gives the float32 route's weights; a folder stored wider goes through float32.
+    stored = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+    stored = _as_dtype(stored) if isinstance(stored, str | torch.dtype) else None
+    half = dtype in (torch.bfloat16, torch.float16) and stored == dtype
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype if half else torch.float32)
     tokenizer = _folder_tokenizer(path)
     if tokenizer is None:
         warnings.warn(

@@ -225,3 +225,60 @@ def test_embedded_second_load_uses_cache(embedded_model, monkeypatch):
     assert torch.equal(again.W_E, embedded_model.W_E)
     assert embedded_model.cfg.rotary_base == 100000.0
     assert embedded_model.cfg.default_prepend_bos is False
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", sorted(TINY_HF_CONFIGS))
+def test_hf_folder_in_bf16_is_the_float32_load_rounded(kind, stored, tmp_path, monkeypatch):
+    # A folder stored in bf16 loads in bf16 (no float32 copy of the HF model); one stored
+    # wider goes through float32. The weights are the same either way.
+    hf = _save_random_hf(kind, tmp_path)
+    hf.to(stored).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        fp32 = ct.load_model(tmp_path, device="cpu")
+    loaded_as = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        loaded_as.append(kwargs["dtype"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        bf16 = ct.load_model(tmp_path, device="cpu", dtype="bfloat16")
+    assert loaded_as == [torch.bfloat16 if stored == torch.bfloat16 else torch.float32]
+    for (name, a), (_, b) in zip(fp32.named_parameters(), bf16.named_parameters(), strict=True):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(b, a.to(torch.bfloat16), rtol=0, atol=0, msg=name)
+
+
+def test_n_devices_needs_that_many_gpus():
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has 2 GPUs")
+    with pytest.raises(ValueError, match="n_devices=2 splits the model over that many CUDA"):
+        ct.load_model(n_devices=2)
+    with pytest.raises(ValueError, match="n_devices must be an integer >= 1"):
+        ct.load_model(n_devices=0)
+
+
+def test_split_across_devices_places_blocks_where_the_forward_expects_them(monkeypatch):
+    from transformer_lens.utilities.multi_gpu import get_device_for_block_index
+
+    from caft_tl.models import split_across_devices, tiny
+
+    model = tiny(tokenizer=None, n_layers=5)
+    placed: dict[int, torch.device] = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    # No GPU here: record where each module would go instead of moving it.
+    monkeypatch.setattr(
+        torch.nn.Module, "to", lambda self, device: placed.__setitem__(id(self), device) or self
+    )
+    split_across_devices(model, 2)
+    where = {name: placed.get(id(m)) for name, m in model.named_children()}
+    blocks = [placed[id(b)] for b in model.blocks]
+    assert where["embed"] == torch.device("cuda", 0)
+    assert blocks == [get_device_for_block_index(i, model.cfg) for i in range(5)]
+    assert blocks == [torch.device("cuda", i) for i in (0, 0, 0, 1, 1)]
+    assert where["ln_final"] == where["unembed"] == torch.device("cuda", 1)
+    assert model.cfg.n_devices == 2
