@@ -3,7 +3,8 @@
 Under ``torchrun --nproc_per_node=N`` every process runs the same script; :func:`setup` joins
 the process group that ``torchrun`` describes in the environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` / ``MASTER_PORT``), with NCCL on GPUs and gloo on CPUs.
-:func:`caft_tl.finetune` then trains through ``DistributedDataParallel``: each rank takes
+:func:`caft_tl.finetune` then trains through ``DistributedDataParallel`` (or sharded with
+FSDP, ``TrainConfig(fsdp=True)``, see :mod:`caft_tl.fsdp`): each rank takes
 its share of every step's examples, the intervention hooks are installed on every rank, and
 the update is the one a single process would make with the same global batch (the loss is
 normalised by the whole step's target count, and gradients are summed over ranks). Only
@@ -11,7 +12,7 @@ rank 0 writes metrics, checkpoints and the final model; every rank reads the che
 resume.
 
 :func:`caft_tl.cache_activations` and :func:`caft_tl.activation_diff` split their batches
-the same way: each rank runs a contiguous share and the shards merge, in order, into the
+over the ranks too: each rank runs a contiguous share and the shards merge, in order, into the
 very result one process writes.
 
 Without ``torchrun`` (``WORLD_SIZE`` unset or 1) nothing here does anything.

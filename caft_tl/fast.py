@@ -80,7 +80,9 @@ def _linear(
     in factored form (:func:`caft_tl.lora.factored`), never merged into a copy."""
     w, adapter = factored(module, name)
     out = _affine(x, w, b)
-    return out if adapter is None else out + adapter.project(x.to(w.device))
+    if adapter is not None:
+        adapter.add_to(out.view(-1, out.shape[-1]), x.to(w.device).reshape(-1, x.shape[-1]))
+    return out
 
 
 def _hooked(*points: nn.Module | None) -> bool:
@@ -197,7 +199,9 @@ def _attention_forward(
     n_heads, d_head, d_model = w_o.shape
     z_flat = z.reshape(*z.shape[:2], n_heads * d_head)
     out = _affine(z_flat, w_o.reshape(n_heads * d_head, d_model), self.b_O)  # a view of W_O
-    return out if adapter is None else out + adapter.project(z_flat.to(w_o.device))
+    if adapter is not None:
+        adapter.add_to(out.view(-1, d_model), z_flat.to(w_o.device).reshape(-1, n_heads * d_head))
+    return out
 
 
 # Up to this many token rows, q/k/v are projected head by head with one batched GEMM on the
@@ -228,10 +232,16 @@ def _head_linear(
 ) -> Float[Tensor, "batch pos head d_head"]:
     """One of q/k/v from the weight as stored, plus its LoRA adapter in factored form."""
     w, adapter = factored(self, name)
-    out = _per_head(x, w, b) if per_head else simple_attn_linear(x, w, b)
     if adapter is None:
-        return out
-    return out + adapter.project(x.to(w.device)).view(out.shape)
+        return _per_head(x, w, b) if per_head else simple_attn_linear(x, w, b)
+    x = x.to(w.device)
+    rows = x.reshape(-1, x.shape[-1])
+    if per_head:  # a permuted view: add the update in place, one temporary
+        out = _per_head(x, w, b)
+        return out.add_(adapter.project(rows).view(out.shape))
+    out = simple_attn_linear(x, w, b)  # contiguous [batch, pos, head, d_head]
+    adapter.add_to(out.view(rows.shape[0], -1), rows)
+    return out
 
 
 def _qkv(

@@ -91,6 +91,7 @@ class ShardedModel:
         if not keep:
             return None
         self._assign(state)
+        self.shell.cfg.device = "cpu"  # where TransformerLens's forward sends the tokens
         return self.shell
 
     def release(self) -> None:

@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,6 +60,7 @@ __all__ = [
     "lora_parameters",
     "lora_state_dict",
     "merge_lora",
+    "merged_forward",
     "merged_view",
 ]
 
@@ -199,7 +201,17 @@ class LoraDelta(nn.Module):
         """``scale * (x @ A^T) @ B^T``: the update applied to inputs in the 2-D ``[in, out]``
         view, without forming it (``x @ delta`` to rounding). Only ``x @ A^T`` (``r`` wide)
         is kept for the backward pass."""
-        return F.linear(F.linear(x, self._a()), self.B) * self.scale
+        return F.linear(F.linear(x, self._a()) * self.scale, self.B)
+
+    def add_to(
+        self, out: Float[Tensor, "rows d_out"], x: Float[Tensor, "rows d_in"]
+    ) -> Float[Tensor, "rows d_out"]:
+        """``out += project(x)`` in place, one fused product: no ``[rows, d_out]``
+        temporaries (``out`` is a fresh product of the base weight; autograd allows it,
+        since that product's backward does not read its output). Under autocast ``out`` is
+        bf16 and an in-place product is not autocast, so the factors are cast to it."""
+        xa = F.linear(x, self._a()) * self.scale
+        return out.addmm_(xa.to(out.dtype), self.B.mT.to(out.dtype))
 
     def forward(self, weight: Tensor) -> Tensor:
         return weight + self.delta()
@@ -242,10 +254,28 @@ def _targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module, st
     return found
 
 
+# Whether the fast components apply adapters in factored form (see merged_forward).
+_FACTORED = [True]
+
+
+@contextmanager
+def merged_forward() -> Iterator[None]:
+    """Inside the ``with`` block the fast components read adapted weights merged, as
+    TransformerLens's own forward does: the same function, to compare memory and speed of
+    the two forms (``analyses/benchmarks/bench_scale.py``)."""
+    before = _FACTORED[0]
+    _FACTORED[0] = False
+    try:
+        yield
+    finally:
+        _FACTORED[0] = before
+
+
 def factored(module: nn.Module, name: str) -> tuple[Tensor, LoraDelta | None]:
     """A weight as stored and its LoRA adapter, *without* merging them (the factored form,
-    see the module docstring); ``(getattr(module, name), None)`` for a weight without one."""
-    if parametrize.is_parametrized(module, name):
+    see the module docstring); ``(getattr(module, name), None)`` for a weight without one,
+    or for every weight inside :func:`merged_forward`."""
+    if _FACTORED[0] and parametrize.is_parametrized(module, name):
         plist = module.parametrizations[name]
         if len(plist) == 1 and isinstance(plist[0], LoraDelta):
             return plist.original, plist[0]

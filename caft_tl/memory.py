@@ -30,7 +30,10 @@ from the model's configuration alone (no weights are loaded):
   (``2 x targets x d_vocab x 4`` bytes; caft-tl unembeds only the positions that predict a
   target, so this is an upper bound when every token is one).
 
-On top of this come the CUDA context and allocator slack (about 1-3 GiB per GPU): the
+The parts are summed, which is right for LoRA (measured 6-11% above the live-tensor peak
+of a step, ``analyses/benchmarks/bench_scale.py``) and an upper bound for full fine-tuning
+(25-80% above), where the logits and activations are freed while the weight gradients
+appear. On top of this come the CUDA context and allocator slack (about 1-3 GiB per GPU): the
 estimate's ``total`` leaves them out and :meth:`MemoryEstimate.table` says so. Weights,
 gradients, AdamW state and LoRA copies match the tensors a real step allocates, byte for
 byte, and the saved activations and weight copies match what autograd keeps in a real

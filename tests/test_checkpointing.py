@@ -107,3 +107,21 @@ def test_a_run_resumes_with_checkpointing_switched(model, tmp_path):
         torch.testing.assert_close(got[name], a, rtol=1e-5, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="gradient_checkpointing must be True or False"):
         TrainConfig(gradient_checkpointing="yes")
+
+
+def test_same_gradients_under_bf16_autocast(model):
+    # finetune autocasts on CUDA; the recomputation must replay it (CPU autocast here).
+    tokens = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointed in (False, True):
+        model.zero_grad(set_to_none=True)
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16),
+            checkpointed_blocks(model) if checkpointed else torch.enable_grad(),
+        ):
+            resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+        resid.float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=0, msg=name)

@@ -348,3 +348,42 @@ def test_dropout_runs_repeat_from_the_seed_and_leave_the_callers_rng_alone(model
     w = weights(first)
     assert all(torch.equal(w[k], v) for k, v in weights(again).items())
     assert any(not torch.equal(w[k], v) for k, v in weights(other).items())
+
+
+def test_merged_forward_switches_the_fast_path_to_merged_weights(model, tokens):
+    from caft_tl.lora import merged_forward
+
+    apply_lora(model, LoraConfig(r=4))
+    randomise(model)
+    factored_out, factored_saved = saved_bytes(model, lambda: model(tokens))
+    with merged_forward():
+        merged_out, merged_saved = saved_bytes(model, lambda: model(tokens))
+    torch.testing.assert_close(factored_out, merged_out, rtol=1e-4, atol=1e-4)
+    # Every merged matrix is kept but block 0's q/k/v ones: nothing upstream needs a
+    # gradient there (the embedding is frozen), so their product keeps only the input.
+    copies = sum(getattr(m, n).numel() * 4 for _, m, n, _ in _slots(model))
+    assert merged_saved - factored_saved > 0.8 * copies
+    _, again = saved_bytes(model, lambda: model(tokens))  # factored again after the block
+    assert again == factored_saved
+
+
+@pytest.mark.parametrize("length", [9, 80])
+def test_factored_form_under_bf16_autocast(model, length):
+    # finetune autocasts fp32 weights to bf16 on CUDA; CPU autocast takes the same path.
+    from caft_tl.lora import merged_forward
+
+    apply_lora(model, LoraConfig(r=4))
+    randomise(model)
+    tokens = torch.randint(0, 1000, (2, length), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for form in (torch.enable_grad, merged_forward):
+        for p in lora_parameters(model):
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16), form():
+            out = model(tokens)
+        assert out.dtype == torch.bfloat16
+        out.float().logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in lora_parameters(model)])
+    for a, b in zip(*grads, strict=True):
+        assert a.dtype == torch.float32  # the adapters stay fp32
+        torch.testing.assert_close(a, b, rtol=0.1, atol=0.1 * b.abs().max().item())

@@ -408,11 +408,12 @@ def child_memory(variant: str) -> None:
     )
 
 
-def _run_child(args: list[str]) -> dict[str, Any]:
+def _run_child(args: list[str], script: Path | None = None) -> dict[str, Any]:
+    """Run a benchmark script (this one by default) in a fresh process; its result line."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["TOKENIZERS_PARALLELISM"] = "false"
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), *args],
+        [sys.executable, str((script or Path(__file__)).resolve()), *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
