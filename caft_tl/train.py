@@ -198,8 +198,13 @@ class TrainConfig:
             )
         if self.device is not None and not isinstance(self.device, str):
             raise ValueError(f"device must be a string such as 'cuda' or None, got {self.device!r}")
-        flags = ("keep_intervention_at_eval", "in_place", "progress", "gradient_checkpointing")
-        for name in (*flags, "fsdp"):
+        for name in (
+            "keep_intervention_at_eval",
+            "in_place",
+            "progress",
+            "gradient_checkpointing",
+            "fsdp",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
