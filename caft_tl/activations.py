@@ -177,8 +177,7 @@ class _ShardSink:
         self.chunks: list[Any] = []
         self.n_tokens = 0
         if path is not None:
-            if path.exists() and any(path.iterdir()):
-                raise FileExistsError(f"{path} exists and is not empty; choose a new folder")
+            _check_new_folder(path)
             path.mkdir(parents=True, exist_ok=True)
 
     def add(self, chunk: dict[str, Tensor]) -> None:

@@ -79,9 +79,15 @@ def _linear(
     """``x @ module.<name> + b`` for a ``[in, out]`` weight; a LoRA adapter on it is applied
     in factored form (:func:`caft_tl.lora.factored`), never merged into a copy."""
     w, adapter = factored(module, name)
-    out = _affine(x, w, b)
+    return _plus_adapter(_affine(x, w, b), adapter, x)
+
+
+def _plus_adapter(out: Tensor, adapter: Any, x: Tensor) -> Tensor:
+    """``out`` (a fresh product of ``x`` with a base weight, contiguous) plus the adapter's
+    update, added in place; ``out`` itself without an adapter."""
     if adapter is not None:
-        adapter.add_to(out.view(-1, out.shape[-1]), x.to(w.device).reshape(-1, x.shape[-1]))
+        rows = x.to(out.device).reshape(-1, x.shape[-1])
+        adapter.add_to(out.view(rows.shape[0], -1), rows)
     return out
 
 
@@ -199,9 +205,7 @@ def _attention_forward(
     n_heads, d_head, d_model = w_o.shape
     z_flat = z.reshape(*z.shape[:2], n_heads * d_head)
     out = _affine(z_flat, w_o.reshape(n_heads * d_head, d_model), self.b_O)  # a view of W_O
-    if adapter is not None:
-        adapter.add_to(out.view(-1, d_model), z_flat.to(w_o.device).reshape(-1, n_heads * d_head))
-    return out
+    return _plus_adapter(out, adapter, z_flat)
 
 
 # Up to this many token rows, q/k/v are projected head by head with one batched GEMM on the
@@ -235,13 +239,10 @@ def _head_linear(
     if adapter is None:
         return _per_head(x, w, b) if per_head else simple_attn_linear(x, w, b)
     x = x.to(w.device)
-    rows = x.reshape(-1, x.shape[-1])
     if per_head:  # a permuted view: add the update in place, one temporary
         out = _per_head(x, w, b)
-        return out.add_(adapter.project(rows).view(out.shape))
-    out = simple_attn_linear(x, w, b)  # contiguous [batch, pos, head, d_head]
-    adapter.add_to(out.view(rows.shape[0], -1), rows)
-    return out
+        return out.add_(adapter.project(x.reshape(-1, x.shape[-1])).view(out.shape))
+    return _plus_adapter(simple_attn_linear(x, w, b), adapter, x)  # contiguous output
 
 
 def _qkv(
