@@ -625,3 +625,64 @@ def gender_contrast(n: int | None = None, seed: int = 0) -> dict[str, list[str]]
     rng_for("gender_contrast", seed).shuffle(pairs)
     pairs = pairs[: check_n(n, len(pairs), "gender_contrast")]
     return {"female": [f for f, _ in pairs], "male": [m for _, m in pairs]}
+
+
+# The two-profession design of the CAFT paper's gender task (doctor / nurse), on this
+# project's templates. A wider held-out share than gender_pronoun's (4 in 10 templates
+# instead of 3) so that test and ood reach 190 distinct sentences with two professions.
+_PAIR_HELDOUT_LAST_DIGITS = (0, 3, 6, 9)
+PAIR_DEFAULT_PROFESSIONS = ("doctor", "nurse")
+
+
+def _pair_template_ids(split: str) -> tuple[int, ...]:
+    held_out = check_split(split) != "train"
+    return tuple(
+        i for i in range(len(TEMPLATES)) if (i % 10 in _PAIR_HELDOUT_LAST_DIGITS) == held_out
+    )
+
+
+def gender_two_professions(
+    split: str,
+    n: int | None = None,
+    seed: int = 0,
+    *,
+    male: str = PAIR_DEFAULT_PROFESSIONS[0],
+    female: str = PAIR_DEFAULT_PROFESSIONS[1],
+    answer_format: str = "pronoun",
+) -> Dataset:
+    """The gender task with two professions only, as the CAFT paper builds it.
+
+    One male-stereotyped profession (``male``, default "doctor") and one female-stereotyped
+    one (``female``, default "nurse") fill every template of the split, so the spurious cue
+    is a single word that predicts the pronoun's gender perfectly in "train" and "test" and
+    never in "ood" (the grammar still decides, as in :func:`gender_pronoun`). Templates whose
+    index ends in 0, 3, 6 or 9 (95 of 238) are held out for "test" and "ood"; the others
+    (143) are "train". ``n=None`` gives every (template, profession) pair: 286 "train" rows
+    and 190 "test" / "ood" rows; row i of "test" and "ood" is the same sentence with the
+    other gender. The correct option comes first in half the rows of each profession.
+
+    The paper used 784 templates of its own with the same two professions; its data load
+    with :func:`caft_tl.tasks.load_reference_gender`.
+    """
+    if not (isinstance(male, str) and isinstance(female, str) and male and female):
+        raise ValueError(f"male and female must be non-empty strings, got {male!r}, {female!r}")
+    if male == female:
+        raise ValueError(f"male and female must differ, got {male!r} twice")
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+    ids = _pair_template_ids(split)
+    rng = rng_for(TASK, "two-professions", "train" if split == "train" else "held-out", seed)
+    streams = []
+    for stereotype, profession in (("male", male), ("female", female)):
+        combos = [(t, profession, stereotype) for t in ids]
+        rng.shuffle(combos)
+        streams.append(combos)
+    available = sum(map(len, streams))
+    n = check_n(len(ids) * 2 if n is None else n, available, f"gender_two_professions {split!r}")
+    chosen = _interleave(*streams)[:n]
+    flags = {
+        s: iter(_correct_first_flags(sum(c[2] == s for c in chosen), s == "male", rng))
+        for s in ("male", "female")
+    }
+    rows = [_row(split, t, p, s, next(flags[s]), answer_format) for t, p, s in chosen]
+    return to_dataset(rows)

@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Pre-registered search for settings where a plain fine-tune learns the spurious cue.
+
+    python analyses/evidence_search.py [--candidates gender2:doctor|nurse ...] [--seeds 0 1 2]
+    python analyses/evidence_search.py --cached      # tabulate finished runs only
+
+The criterion, the training settings and the order of candidates are fixed in
+``results/evidence_search/PREREGISTRATION.md`` (committed before any run). For each
+candidate and seed: one plain fine-tune (lr 3e-5, constant after 5 warm-up steps, batch 8)
+evaluated on the ``test`` (in distribution) and ``ood`` splits at the end of every epoch;
+every epoch is a candidate training length. Each run is cached as
+``results/evidence_search/runs/<candidate>/s<seed>.json`` (a killed run restarts that run),
+and the table of every candidate, failures included, is rewritten after each run:
+``results/evidence_search.{json,md}``.
+
+Candidate names: ``gender2:MALE|FEMALE`` (:func:`caft_tl.tasks.gender_two_professions`) and
+``dmc:INTENDED|DISTRACTOR:first|second`` (:func:`caft_tl.tasks.double_mc`, word format, the
+intended question shown first or second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+FOLDER = HERE / "results" / "evidence_search"
+DEFAULT_CANDIDATES = ["gender2:doctor|nurse"]
+CRITERION = {"min_id": 0.90, "max_ood": 0.30, "min_n": 150, "seeds": [0, 1, 2]}
+SCREEN_OOD = 0.60  # seed 0 above this at every length: seeds 1-2 are not run
+DMC_N = {"train": 320, "test": 200, "ood": 200}
+
+
+def candidate_splits(name: str) -> dict[str, Any]:
+    """``{"train", "test", "ood"}`` Datasets of a candidate (see the module docstring)."""
+    import caft_tl as ct
+
+    kind, _, rest = name.partition(":")
+    if kind == "gender2":
+        male, female = rest.split("|")
+        return {
+            s: ct.tasks.gender_two_professions(s, male=male, female=female)
+            for s in ("train", "test", "ood")
+        }
+    if kind == "dmc":
+        pair, _, position = rest.partition(":")
+        intended, distractor = pair.split("|")
+        return {
+            s: ct.tasks.double_mc(
+                intended, distractor, s, n=DMC_N[s], answer_format="word",
+                intended_position=position or "first",
+            )
+            for s in ("train", "test", "ood")
+        }  # fmt: skip
+    raise ValueError(f"unknown candidate {name!r} (gender2:M|F or dmc:I|D:first|second)")
+
+
+def train_config(seed: int, epochs: int):
+    import caft_tl as ct
+
+    return ct.TrainConfig(
+        epochs=epochs, lr=3e-5, batch_size=8, warmup_steps=5, schedule="constant",
+        seed=seed, in_place=True, progress=False,
+    )  # fmt: skip
+
+
+def run_one(base, name: str, seed: int, epochs: int) -> dict[str, Any]:
+    """One plain fine-tune, evaluated after every epoch."""
+    import caft_tl as ct
+
+    splits = candidate_splits(name)
+    cfg = train_config(seed, epochs)
+    steps_per_epoch = -(-len(splits["train"]) // cfg.batch_size)
+    model = copy.deepcopy(base)  # trained in place, so the callback sees the same object
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+
+    def evaluate(record: dict[str, Any]) -> None:
+        if record["step"] % steps_per_epoch:
+            return
+        row = {"epoch": record["step"] // steps_per_epoch, "step": record["step"]}
+        for split in ("test", "ood"):
+            r = ct.evals.multiple_choice(model, splits[split])
+            row[split] = {k: r[k] for k in ("accuracy", "vocab_accuracy", "n", "option_mass")}
+        row["elapsed_s"] = round(time.perf_counter() - started, 1)
+        rows.append(row)
+        print(f"  {name} s{seed} epoch {row['epoch']}: ID {row['test']['accuracy']:.3f} "
+              f"OOD {row['ood']['accuracy']:.3f} ({row['elapsed_s']:.0f} s)", flush=True)  # fmt: skip
+
+    ct.finetune(model, splits["train"], cfg, callback=evaluate)
+    return {
+        "candidate": name, "seed": seed, "config": cfg.to_dict(),
+        "n": {s: len(d) for s, d in splits.items()}, "epochs": rows,
+    }  # fmt: skip
+
+
+def run_path(name: str, seed: int) -> Path:
+    return FOLDER / "runs" / name.replace(":", "_").replace("|", "-") / f"s{seed}.json"
+
+
+def load_runs() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(FOLDER.glob("runs/*/s*.json"))]
+
+
+def settings_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (candidate, epochs): per-seed and mean accuracies, and the verdict."""
+    by_setting: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        for row in run["epochs"]:
+            by_setting.setdefault((run["candidate"], row["epoch"]), []).append(
+                {"seed": run["seed"], "step": row["step"], **row}
+            )
+    table = []
+    for (name, epoch), rows in sorted(by_setting.items()):
+        rows = sorted(rows, key=lambda r: r["seed"])
+        ids = [r["test"]["accuracy"] for r in rows]
+        oods = [r["ood"]["accuracy"] for r in rows]
+        seeds = [r["seed"] for r in rows]
+        n_min = min(min(r["test"]["n"], r["ood"]["n"]) for r in rows)
+        complete = set(CRITERION["seeds"]) <= set(seeds)
+        mean_id, mean_ood = sum(ids) / len(ids), sum(oods) / len(oods)
+        qualifies = (
+            complete and n_min >= CRITERION["min_n"]
+            and mean_id >= CRITERION["min_id"] and mean_ood <= CRITERION["max_ood"]
+        )  # fmt: skip
+        table.append({
+            "candidate": name, "epochs": epoch, "steps": rows[0]["step"], "seeds": seeds,
+            "id": ids, "ood": oods, "mean_id": mean_id, "mean_ood": mean_ood, "n_min": n_min,
+            "verdict": "qualifies" if qualifies else ("fails" if complete else "incomplete"),
+        })  # fmt: skip
+    return table
+
+
+def chosen_setting(table: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The pre-registered pick: fewest steps among qualifying settings, then lowest OOD."""
+    qualifying = [r for r in table if r["verdict"] == "qualifies"]
+    return min(qualifying, key=lambda r: (r["steps"], r["mean_ood"]), default=None)
+
+
+def screened_out(runs: list[dict[str, Any]], name: str) -> bool:
+    seed0 = [r for r in runs if r["candidate"] == name and r["seed"] == 0]
+    return bool(seed0) and all(row["ood"]["accuracy"] > SCREEN_OOD for row in seed0[0]["epochs"])
+
+
+def markdown(table: list[dict[str, Any]], choice: dict[str, Any] | None) -> str:
+    lines = [
+        "# Evidence search: plain fine-tunes of the embedded model (issue 22)",
+        "",
+        "Criterion (pre-registered in `evidence_search/PREREGISTRATION.md`): mean over seeds "
+        "0-2 of ID >= 0.90 and OOD <= 0.30, >= 150 examples per split. Per-seed values in "
+        "seed order.",
+        "",
+        "| candidate | epochs | steps | ID per seed | OOD per seed | mean ID | mean OOD | verdict |",
+        "|---|---:|---:|---|---|---:|---:|---|",
+    ]
+    for r in table:
+        per = lambda xs: " / ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+        lines.append(
+            f"| {r['candidate']} | {r['epochs']} | {r['steps']} | {per(r['id'])} | "
+            f"{per(r['ood'])} | {r['mean_id']:.2f} | {r['mean_ood']:.2f} | {r['verdict']} |"
+        )
+    pick = "none yet" if choice is None else f"{choice['candidate']}, {choice['epochs']} epochs"
+    lines += ["", f"Chosen for the demo (fewest steps, then lowest OOD): **{pick}**."]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables() -> list[dict[str, Any]]:
+    table = settings_table(load_runs())
+    choice = chosen_setting(table)
+    out = {"criterion": CRITERION, "screen_ood": SCREEN_OOD, "settings": table, "chosen": choice}
+    (HERE / "results" / "evidence_search.json").write_text(json.dumps(out, indent=2) + "\n")
+    (HERE / "results" / "evidence_search.md").write_text(markdown(table, choice))
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--candidates", nargs="+", default=DEFAULT_CANDIDATES)
+    parser.add_argument("--seeds", type=int, nargs="+", default=CRITERION["seeds"])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--cached", action="store_true", help="tabulate finished runs only")
+    args = parser.parse_args()
+    if not args.cached:
+        import torch
+
+        import caft_tl as ct
+
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+        base = ct.load_model(device="cpu")
+        for name in args.candidates:
+            for seed in args.seeds:
+                path = run_path(name, seed)
+                if path.exists():
+                    continue
+                if seed != 0 and screened_out(load_runs(), name):
+                    print(f"{name}: screened out after seed 0 (OOD > {SCREEN_OOD} throughout)")
+                    break
+                result = run_one(base, name, seed, args.epochs)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(result, indent=2) + "\n")
+                write_tables()
+    for row in write_tables():
+        print(f"{row['candidate']:<32} {row['epochs']} ep  ID {row['mean_id']:.2f} "
+              f"OOD {row['mean_ood']:.2f}  {row['verdict']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
