@@ -1,7 +1,8 @@
 """Built-in tasks, generated locally and deterministic by seed (no downloads).
 
 - :func:`gender_pronoun`: pick the grammatical pronoun while the profession's gender
-  stereotype agrees (train, test) or disagrees (ood) with it;
+  stereotype agrees (train, test) or disagrees (ood) with it; :func:`gender_two_professions`
+  the same with one profession per gender (the CAFT paper's doctor / nurse design);
 - :func:`double_mc`: two questions in one prompt, answer the intended one;
 - :func:`chat_prompts`: generic chat prompts for direction finding without task data;
 - :func:`insecure_code`: chats asking for small Python functions, answered with (silently)
@@ -17,6 +18,7 @@ from caft_tl.tasks.gender import (
     MALE_PROFESSIONS,
     gender_contrast,
     gender_pronoun,
+    gender_two_professions,
 )
 from caft_tl.tasks.prompts import chat_prompts
 
@@ -34,6 +36,7 @@ __all__ = [
     "double_mc_pairs",
     "gender_contrast",
     "gender_pronoun",
+    "gender_two_professions",
     "insecure_code",
     "single_mc",
 ]
