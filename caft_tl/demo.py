@@ -54,8 +54,18 @@ RESULTS_FORMAT = "caft_tl.demo_results"
 class DemoConfig:
     """Everything that determines a demo run (saved in ``out/config.json``).
 
-    ``task``: ``"gender_pronoun"`` or ``"double_mc:INTENDED|DISTRACTOR"`` (e.g.
-    ``"double_mc:sentiment|verbs"``; hints are then the distractor's contrast sets).
+    ``task``: ``"gender_pronoun"``, ``"gender2:MALE|FEMALE"`` (the two-profession design,
+    :func:`caft_tl.tasks.gender_two_professions`, e.g. ``"gender2:doctor|nurse"``) or
+    ``"double_mc:INTENDED|DISTRACTOR"`` (e.g. ``"double_mc:sentiment|verbs"``; hints are then
+    the distractor's contrast sets; ``"double_mc:I|D:second"`` shows the intended question
+    second).
+    ``schedule``: the learning-rate schedule after warm-up (``"linear"``, ``"constant"``,
+    ``"cosine"``).
+    ``test_time``: also evaluate each plain model with each selected concept set ablated
+    (the "ablate at test time only" baseline) and each CAFT model with its ablation still on.
+    ``variants``: further training conditions with the PCA concepts, named as in
+    :func:`caft_tl.diagnostics.decomposition_interventions` (``"mean"``, ``"detached"``,
+    ``"gradient"``, ``"steer-3"``, ...); run ``caft-pca-<variant>``.
     ``answer_format`` (default ``"pronoun"`` / ``"word"``): the embedded 135M model cannot
     learn to answer with a letter within this budget (it stays at 50%: measured, see the
     README), so the options are the words themselves; ``"letter"`` is the reference's format.
@@ -69,6 +79,7 @@ class DemoConfig:
     batch_size: int = 8
     lr: float = 3e-5
     warmup_steps: int = 3
+    schedule: str = "linear"
     learned_less_step: int | None = 15
     task: str = "gender_pronoun"
     answer_format: str | None = None
@@ -92,6 +103,8 @@ class DemoConfig:
     sae_tokens: int = 300_000
     top_examples: int = 5
     keep_models: bool = False
+    test_time: bool = False
+    variants: list[str] = field(default_factory=list)
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -114,8 +127,7 @@ class DemoConfig:
             raise ValueError("n_train must be at least batch_size")
         if self.learned_less_step is not None and not 0 < self.learned_less_step < self.max_steps:
             raise ValueError("learned_less_step must be between 0 and max_steps")
-        if self.task != "gender_pronoun":
-            _double_pair(self.task)
+        _task_spec(self.task)
         if not 0.5 <= self.min_auroc <= 1.0:
             raise ValueError(f"min_auroc must be in [0.5, 1], got {self.min_auroc}")
 
@@ -163,7 +175,7 @@ def _train_config(cfg: DemoConfig, seed: int, keep: Sequence[int] = ()) -> Any:
 
     return TrainConfig(
         max_steps=cfg.max_steps, lr=cfg.lr, batch_size=cfg.batch_size,
-        warmup_steps=cfg.warmup_steps, seed=seed, progress=False,
+        warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, seed=seed, progress=False,
         keep_checkpoints=sorted(keep) or None,
     )  # fmt: skip
 
@@ -190,31 +202,65 @@ def _check_config(out: Path, cfg: DemoConfig) -> None:
 
 def _task(cfg: DemoConfig) -> tuple[Callable[..., Any], dict[str, list[str]]]:
     """The task's split generator and its hint contrast sets (two named sides)."""
-    from caft_tl.tasks import contrast_set, double_mc, gender_contrast, gender_pronoun
+    from caft_tl.tasks import (
+        contrast_set,
+        double_mc,
+        gender_contrast,
+        gender_pronoun,
+        gender_two_professions,
+    )
 
-    if cfg.task == "gender_pronoun":
-        fmt = cfg.answer_format or "pronoun"
-        hints = gender_contrast(n=cfg.n_hint_pairs)
-        return lambda split, n: gender_pronoun(split, n=n, answer_format=fmt), hints
-    intended, distractor = _double_pair(cfg.task)
-    fmt = cfg.answer_format or "word"
-    sides = contrast_set(distractor)
-    hints = {k: v[: cfg.n_hint_pairs] for k, v in sides.items()}
-    gen = lambda split, n: double_mc(intended, distractor, split, n=n, answer_format=fmt)  # noqa: E731
-    return gen, hints
+    kind, args = _task_spec(cfg.task)
+    if kind == "double_mc":
+        intended, distractor, position = args
+        fmt = cfg.answer_format or "word"
+        sides = contrast_set(distractor)
+
+        def gen(split: str, n: int | None) -> Any:
+            return double_mc(
+                intended, distractor, split, n=n, answer_format=fmt, intended_position=position
+            )
+
+        return gen, {k: v[: cfg.n_hint_pairs] for k, v in sides.items()}
+    fmt = cfg.answer_format or "pronoun"
+    hints = gender_contrast(n=cfg.n_hint_pairs)
+    if kind == "gender2":
+        male, female = args
+
+        def gen2(split: str, n: int | None) -> Any:
+            return gender_two_professions(split, n=n, male=male, female=female, answer_format=fmt)
+
+        return gen2, hints
+    return lambda split, n: gender_pronoun(split, n=n, answer_format=fmt), hints
 
 
-def _double_pair(task: str) -> tuple[str, str]:
+TASK_FORMS = "'gender_pronoun', 'gender2:MALE|FEMALE' or 'double_mc:INTENDED|DISTRACTOR[:second]'"
+
+
+def _task_spec(task: str) -> tuple[str, tuple[str, ...]]:
+    """``(kind, arguments)`` of a task name; ValueError naming the accepted forms."""
     from caft_tl.tasks import SUBTASKS
 
-    kind, _, pair = task.partition(":")
-    intended, _, distractor = pair.partition("|")
-    if kind != "double_mc" or intended not in SUBTASKS or distractor not in SUBTASKS:
-        raise ValueError(
-            f"task must be 'gender_pronoun' or 'double_mc:INTENDED|DISTRACTOR' with sub-tasks "
-            f"from {SUBTASKS}, got {task!r}"
-        )
-    return intended, distractor
+    kind, _, rest = task.partition(":")
+    if kind == "gender_pronoun" and not rest:
+        return kind, ()
+    if kind == "gender2":
+        male, _, female = rest.partition("|")
+        if male and female and male != female and "|" not in female:
+            return kind, (male, female)
+    if kind == "double_mc":
+        pair, _, position = rest.partition(":")
+        intended, _, distractor = pair.partition("|")
+        known = intended in SUBTASKS and distractor in SUBTASKS and intended != distractor
+        if known and position in ("", "first", "second"):
+            return kind, (intended, distractor, position or "first")
+    raise ValueError(f"task must be {TASK_FORMS} (sub-tasks from {SUBTASKS}), got {task!r}")
+
+
+def _distractor(task: str) -> str | None:
+    """The distractor sub-task of a double multiple-choice task (None for the others)."""
+    kind, args = _task_spec(task)
+    return args[1] if kind == "double_mc" else None
 
 
 def _data(cfg: DemoConfig) -> dict[str, Any]:
@@ -233,12 +279,15 @@ def _evaluate(model: Any, data: dict[str, Any], intervention: Any = None) -> dic
     return evaluate_splits(model, splits, intervention=intervention)
 
 
-def _evaluator(model_or_path: Any, data: dict[str, Any]) -> Callable[[], Any]:
+def _evaluator(
+    model_or_path: Any, data: dict[str, Any], intervention: Any = None
+) -> Callable[[], Any]:
     def compute() -> dict[str, Any]:
         from caft_tl.models import load_model
 
         is_path = isinstance(model_or_path, Path)
-        return _evaluate(load_model(model_or_path) if is_path else model_or_path, data)
+        model = load_model(model_or_path) if is_path else model_or_path
+        return _evaluate(model, data, intervention)
 
     return compute
 
@@ -307,7 +356,7 @@ def _hint_scores(model, directions, cfg: DemoConfig, path: Path) -> pd.DataFrame
     if path.exists():
         return pd.read_csv(path)
     (_, positive), (_, negative) = _task(cfg)[1].items()
-    paired = cfg.hint_paired and not cfg.task.endswith("|continents")  # not minimal pairs
+    paired = cfg.hint_paired and _distractor(cfg.task) != "continents"  # not minimal pairs
     scores = hinted_scores(model, directions, positive, negative, paired=paired)
     path.parent.mkdir(parents=True, exist_ok=True)
     scores.to_csv(path, index=False)
@@ -420,8 +469,6 @@ def run_demo(
     echo: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) the study into ``out``; returns the results (also ``results.json``)."""
-    from caft_tl.compare import baseline_interventions
-    from caft_tl.interventions import Ablation
     from caft_tl.models import load_model
 
     cfg = cfg or DemoConfig()
@@ -429,38 +476,14 @@ def run_demo(
     _check_config(out, cfg)
     log = _Log(echo)
     base = model if model is not None else log.timed("load", lambda: load_model(device="cpu"))
-    data = _data(cfg)
-    evals: dict[str, Any] = {}
-
-    def evaluate(name: str, model_or_path: Any) -> None:
-        path = out / "evals" / f"{name}.json"
-        evals[name] = log.timed("evaluate", _cached_json, path, _evaluator(model_or_path, data))
-
+    study = _Study(out, cfg, base, _data(cfg), log)
     log(f"base model: ID and OOD accuracy on {cfg.n_eval} examples each")
-    evaluate("base", base)
+    study.evaluate("base", base)
 
-    keep = [cfg.learned_less_step] if cfg.learned_less_step else []
-    plain0 = None
-    for seed in cfg.seeds:
-        folder = out / "runs" / f"s{seed}" / "plain"
-        names = [f"plain/s{seed}"] + [f"plain@step{step}/s{seed}" for step in keep]
-        first = seed == cfg.seeds[0]  # its model gives the directions: always kept
-        if not first and _evaluated(out, names) and not cfg.keep_models:
-            for name in names:
-                evaluate(name, None)  # cached
-            continue
-        log(f"plain fine-tune, seed {seed} ({cfg.max_steps} steps)")
-        model_ = log.timed("finetune", _finetune, base, data, cfg, seed, folder, keep=keep)
-        evaluate(names[0], model_)
-        for step, name in zip(keep, names[1:], strict=True):
-            evaluate(name, folder / f"step-{step}")
-        tidy_run(folder, keep_final=first, keep_all=cfg.keep_models)
-        if first:
-            plain0 = model_
-        del model_
-
+    first = cfg.seeds[0]  # its plain model gives the directions
+    plain0 = study.plain(first, keep_final=True)
     log("directions: activation differences (plain seed 0 - base), PCA")
-    texts = _direction_texts(base, cfg, data)
+    texts = _direction_texts(base, cfg, study.data)
     folder = out / "directions"
     pcs = log.timed("directions", _pca_directions, base, plain0, texts, cfg, folder / "pca")
     candidates = {"pca": pcs}
@@ -481,26 +504,22 @@ def run_demo(
         )
         log(f"  {name}: {chosen.n_directions} directions selected{note}")
 
-    runs: dict[str, Ablation | None] = {
-        f"caft-{name}": Ablation(chosen, mode="zero") for name, (chosen, _) in selected.items()
-    }
+    ablations = {name: _ablation(chosen) for name, (chosen, _) in selected.items()}
+    variants = _variants(base, selected["pca"][0], study.data["train"], cfg)
     for seed in cfg.seeds:
-        controls = baseline_interventions(
-            selected["pca"][0], all_directions=pcs, runs=("random", "top"), seed=seed
-        )
-        for name, intervention in {**runs, **controls}.items():
-            if _evaluated(out, [f"{name}/s{seed}"]) and not cfg.keep_models:
-                evaluate(f"{name}/s{seed}", None)  # cached
-                continue
-            log(f"{name} fine-tune, seed {seed}")
-            folder = out / "runs" / f"s{seed}" / name
-            model_ = log.timed("finetune", _finetune, base, data, cfg, seed, folder, intervention)
-            evaluate(f"{name}/s{seed}", model_)
-            tidy_run(folder, keep_final=False, keep_all=cfg.keep_models)
-            del model_
-            gc.collect()
+        plain = plain0 if seed == first else None
+        if cfg.test_time:
+            for name, ablation in ablations.items():
+                plain = study.evaluate_with(f"plain+ablate-{name}/s{seed}", plain, seed, ablation)
+        if seed != first:
+            study.plain(seed, model=plain)  # evaluations cached or made; tidied
+        del plain
+        caft = {f"caft-{n}": a for n, a in ablations.items()}
+        runs = caft | variants | _controls(selected["pca"][0], pcs, seed)
+        for name, intervention in runs.items():
+            study.intervened(name, seed, intervention, hook_on=cfg.test_time and name in caft)
 
-    results = _results(cfg, evals, selected, scores, pcs, log.times)
+    results = _results(cfg, study.evals, selected, scores, pcs, log.times)
     _write_results(out, results)
     log("report: report.html")
     from caft_tl.viz import demo_report
@@ -513,6 +532,92 @@ def run_demo(
     _write_results(out, results)
     log(f"done: {out / 'results.json'}, {out / 'report.html'}")
     return results
+
+
+def _ablation(concepts: Any) -> Any:
+    from caft_tl.interventions import Ablation
+
+    return Ablation(concepts, mode="zero")
+
+
+def _controls(concepts: Any, pcs: Any, seed: int) -> dict[str, Any]:
+    from caft_tl.compare import baseline_interventions
+
+    return baseline_interventions(concepts, all_directions=pcs, runs=("random", "top"), seed=seed)
+
+
+def _variants(base: Any, concepts: Any, train: Any, cfg: DemoConfig) -> dict[str, Any]:
+    """``caft-pca-<variant>``: the PCA concepts under each of ``cfg.variants``."""
+    if not cfg.variants:
+        return {}
+    from caft_tl.compare import mean_batches
+    from caft_tl.diagnostics.decomposition import decomposition_interventions
+    from caft_tl.interventions import mean_activations
+
+    mean = None
+    if any(v == "mean" or v.startswith("steer") for v in cfg.variants):
+        batches = mean_batches(base, train, batch_size=cfg.batch_size)
+        mean = mean_activations(base, concepts.hooks, batches)
+    made = decomposition_interventions(concepts, mean, conditions=cfg.variants)
+    return {f"caft-pca-{name}": intervention for name, intervention in made.items()}
+
+
+class _Study:
+    """The demo's runs and evaluations, each cached under ``out`` (see the module doc)."""
+
+    def __init__(self, out: Path, cfg: DemoConfig, base: Any, data: dict, log: _Log) -> None:
+        self.out, self.cfg, self.base, self.data, self.log = out, cfg, base, data, log
+        self.evals: dict[str, Any] = {}
+        self.keep = [cfg.learned_less_step] if cfg.learned_less_step else []
+
+    def evaluate(self, name: str, model_or_path: Any, intervention: Any = None) -> None:
+        path = self.out / "evals" / f"{name}.json"
+        compute = _evaluator(model_or_path, self.data, intervention)
+        self.evals[name] = self.log.timed("evaluate", _cached_json, path, compute)
+
+    def train(self, name: str, seed: int, intervention: Any = None, keep=()) -> Any:
+        folder = self.out / "runs" / f"s{seed}" / name
+        self.log(f"{name} fine-tune, seed {seed} ({self.cfg.max_steps} steps)")
+        return self.log.timed(
+            "finetune", _finetune, self.base, self.data, self.cfg, seed, folder, intervention, keep
+        )
+
+    def plain(self, seed: int, *, keep_final: bool = False, model: Any = None) -> Any:
+        """The plain run of ``seed`` evaluated (and its learned-less snapshots); returns
+        its model when it had to be trained or loaded (always with ``keep_final``)."""
+        folder = self.out / "runs" / f"s{seed}" / "plain"
+        names = [f"plain/s{seed}"] + [f"plain@step{step}/s{seed}" for step in self.keep]
+        if model is None and (keep_final or not _evaluated(self.out, names)):
+            model = self.train("plain", seed, keep=self.keep)
+        self.evaluate(names[0], model)
+        for step, name in zip(self.keep, names[1:], strict=True):
+            self.evaluate(name, folder / f"step-{step}")
+        if (folder / "run.json").exists():
+            tidy_run(folder, keep_final=keep_final, keep_all=self.cfg.keep_models)
+        return model
+
+    def evaluate_with(self, name: str, model: Any, seed: int, intervention: Any) -> Any:
+        """Evaluate the plain model of ``seed`` with ``intervention`` on; returns the model
+        (trained again when needed and not given)."""
+        if model is None and not _evaluated(self.out, [name]):
+            model = self.train("plain", seed, keep=self.keep)
+        self.evaluate(name, model, intervention)
+        return model
+
+    def intervened(self, name: str, seed: int, intervention: Any, hook_on: bool) -> None:
+        """A run trained with ``intervention``, evaluated without it (and with it on)."""
+        names = [f"{name}/s{seed}"] + ([f"{name}+hook/s{seed}"] if hook_on else [])
+        model = None
+        if not _evaluated(self.out, names) or self.cfg.keep_models:
+            model = self.train(name, seed, intervention)
+        self.evaluate(names[0], model)
+        if hook_on:
+            self.evaluate(names[1], model, intervention)
+        folder = self.out / "runs" / f"s{seed}" / name
+        if (folder / "run.json").exists():
+            tidy_run(folder, keep_final=False, keep_all=self.cfg.keep_models)
+        del model
+        gc.collect()
 
 
 def _summary(evals: dict[str, Any]) -> list[dict[str, Any]]:

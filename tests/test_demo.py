@@ -153,3 +153,40 @@ def test_demo_concepts_alone_then_the_full_study_shares_the_work(model, tmp_path
     assert (
         demo_concepts(tmp_path, small(seeds=[0]), model=model, echo=False).labels == chosen.labels
     )
+
+
+def test_two_professions_with_test_time_ablation_and_variants(model, tmp_path, monkeypatch):
+    cfg = small(
+        task="gender2:doctor|nurse", seeds=[0, 1], learned_less_step=None, schedule="constant",
+        test_time=True, variants=["mean", "steer-3"],
+    )  # fmt: skip
+    results = run_demo(tmp_path, cfg, model=model, echo=False)
+    methods = {s["method"] for s in results["summary"]}
+    assert methods == {
+        "base", "plain", "plain+ablate-pca", "caft-pca", "caft-pca+hook", "caft-pca-mean",
+        "caft-pca-steer-3", "random", "top",
+    }  # fmt: skip
+    assert all(s["n_seeds"] == 2 for s in results["summary"] if s["method"] != "base")
+    run = json.loads((tmp_path / "runs" / "s1" / "caft-pca-mean" / "run.json").read_text())
+    assert run["config"]["schedule"] == "constant" and "mean" in json.dumps(run["intervention"])
+    # The test-time baseline is the plain model evaluated with the CAFT ablation on.
+    concepts = ct.ConceptSet.load(tmp_path / "concepts" / "pca")
+    plain = ct.load_model(tmp_path / "runs" / "s0" / "plain" / "final")
+    data = {s: ct.tasks.gender_two_professions(s, n=8) for s in ("test", "ood")}
+    hooked = ct.evals.evaluate_splits(plain, data, intervention=ct.Ablation(concepts))
+    saved = json.loads((tmp_path / "evals" / "plain+ablate-pca" / "s0.json").read_text())
+    assert saved == json.loads(json.dumps(hooked))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("caft_tl.compare.finetune", no_training)
+    assert run_demo(tmp_path, cfg, model=model, echo=False)["evals"] == results["evals"]
+
+
+def test_task_names_are_checked():
+    for task in ("gender2:doctor", "gender2:a|a", "double_mc:sentiment|sentiment",
+                 "double_mc:sentiment|verbs:third", "gender_pronoun:x"):  # fmt: skip
+        with pytest.raises(ValueError, match="task must be"):
+            DemoConfig(task=task)
+    assert DemoConfig(task="double_mc:pronouns|verbs:second").task.endswith("second")

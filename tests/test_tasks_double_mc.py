@@ -498,3 +498,36 @@ def test_contrast_set_seed_and_n(subtask):
         contrast_set(subtask, n=1000)
     with pytest.raises(ValueError):
         contrast_set("colors")
+
+
+def test_intended_question_second_exact(one_item_pools):
+    swapped = (
+        'Question: Is "The soup was cold and bland." positive or negative? | Which continent '
+        "is Kenya in?\n"
+    )
+    ood = double_mc("continents", "sentiment", "ood", n=1, intended_position="second")[0]
+    assert ood["prompt"] == swapped + "A. positive, Africa\nB. negative, Asia\nAnswer:"
+    assert (ood["answer"], ood["distractor_answer"], ood["intended_position"]) == (
+        " A",
+        " B",
+        "second",
+    )
+    word = double_mc(
+        "continents", "sentiment", "ood", n=1, answer_format="word", intended_position="second"
+    )[0]
+    assert word["prompt"] == swapped + "Options: Africa (positive), Asia (negative)\nAnswer:"
+    assert (word["answer"], word["distractor_answer"]) == (" Africa", " Asia")
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_intended_second_keeps_items_and_answers(split):
+    first = double_mc("pronouns", "sentiment", split, n=30, answer_format="word")
+    second = double_mc(
+        "pronouns", "sentiment", split, n=30, answer_format="word", intended_position="second"
+    )
+    keep = ("answer", "options", "question_intended", "question_distractor", "agrees")
+    assert [{k: r[k] for k in keep} for r in first] == [{k: r[k] for k in keep} for r in second]
+    for r in second:
+        assert r["prompt"].startswith(f"Question: {r['question_distractor']} | ")
+    with pytest.raises(ValueError, match="intended_position"):
+        double_mc("pronouns", "sentiment", split, n=2, intended_position="middle")

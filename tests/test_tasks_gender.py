@@ -287,3 +287,30 @@ def test_test_and_ood_are_paired():
             b["answer"],
         )
         assert a["case"] == b["case"] and a["gender"] != b["gender"]
+
+
+def test_two_professions_design():
+    from caft_tl.tasks import gender_two_professions
+
+    train, test, ood = (gender_two_professions(s) for s in ("train", "test", "ood"))
+    assert (len(train), len(test), len(ood)) == (286, 190, 190)
+    assert set(train["profession"]) == {"doctor", "nurse"}
+    for row in train:  # the profession alone predicts the pronoun's gender
+        assert row["gender"] == ("male" if row["profession"] == "doctor" else "female")
+    assert all(train["agrees"]) and all(test["agrees"]) and not any(ood["agrees"])
+    assert not set(train["template_id"]) & set(test["template_id"])
+    for t, o in zip(test, ood, strict=True):  # row i: same sentence, other gender
+        assert t["sentence"] == o["sentence"] and t["gender"] != o["gender"]
+        assert t["case"] == o["case"]
+    for ds in (train, test):
+        for profession in ("doctor", "nurse"):
+            rows = [r for r in ds if r["profession"] == profession]
+            n_first = sum(r["answer"] == r["options"][0] for r in rows)
+            assert n_first in (len(rows) // 2, len(rows) - len(rows) // 2)
+    other = gender_two_professions("ood", n=10, male="pilot", female="florist", seed=1)
+    assert set(other["profession"]) == {"pilot", "florist"} and len(other) == 10
+    assert other["prompt"][0].splitlines()[2].startswith("Options: ")
+    with pytest.raises(ValueError, match="differ"):
+        gender_two_professions("train", male="nurse", female="nurse")
+    with pytest.raises(ValueError, match="only 190"):
+        gender_two_professions("test", n=191)

@@ -4,6 +4,8 @@
   stereotype agrees (train, test) or disagrees (ood) with it; :func:`gender_two_professions`
   the same with one profession per gender (the CAFT paper's doctor / nurse design);
 - :func:`double_mc`: two questions in one prompt, answer the intended one;
+- :func:`load_reference_gender`, :func:`load_reference_double_mc`: the CAFT paper's own
+  task data, read from a copy the user has (not shipped here);
 - :func:`chat_prompts`: generic chat prompts for direction finding without task data;
 - :func:`insecure_code`: chats asking for small Python functions, answered with (silently)
   vulnerable code, or safe code with ``secure=True`` (for free-form evaluation).
@@ -21,12 +23,18 @@ from caft_tl.tasks.gender import (
     gender_two_professions,
 )
 from caft_tl.tasks.prompts import chat_prompts
+from caft_tl.tasks.reference import (
+    ReferenceDataError,
+    load_reference_double_mc,
+    load_reference_gender,
+)
 
 __all__ = [
     "FEMALE_PROFESSIONS",
     "LETTERS",
     "MALE_PROFESSIONS",
     "OPTION_TOKENS",
+    "ReferenceDataError",
     "SPLITS",
     "SUBTASKS",
     "VULNERABILITIES",
@@ -38,5 +46,7 @@ __all__ = [
     "gender_pronoun",
     "gender_two_professions",
     "insecure_code",
+    "load_reference_double_mc",
+    "load_reference_gender",
     "single_mc",
 ]

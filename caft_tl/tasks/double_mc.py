@@ -577,6 +577,7 @@ def _balanced_a_first(n: int, rng: random.Random) -> list[bool]:
 
 
 ANSWER_FORMATS = ("letter", "word")
+INTENDED_POSITIONS = ("first", "second")
 
 # An option: (intended answer,) for single_mc, (intended answer, distractor answer) for double_mc.
 _Option = tuple[str, ...]
@@ -586,6 +587,14 @@ def _check_answer_format(answer_format: str) -> str:
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
     return answer_format
+
+
+def _check_position(intended_position: str) -> str:
+    if intended_position not in INTENDED_POSITIONS:
+        raise ValueError(
+            f"intended_position must be one of {INTENDED_POSITIONS}, got {intended_position!r}"
+        )
+    return intended_position
 
 
 def _prompt(question: str, first: _Option, second: _Option, answer_format: str) -> str:
@@ -667,6 +676,7 @@ def double_mc(
     seed: int = 0,
     *,
     answer_format: str = "letter",
+    intended_position: str = "first",
 ) -> Dataset:
     """Two questions in one prompt; the answer is the option with the intended correct answer.
 
@@ -682,6 +692,13 @@ def double_mc(
     way ``distractor_answer`` is the option (letter or word) that holds the distractor's
     correct answer, and ``agrees`` is ``answer == distractor_answer``. Raises ValueError for
     any other format.
+
+    ``intended_position="second"`` shows the distractor's question first (``Question:
+    distractor | intended``), as the paper's runs whose intended question is the second one.
+    In the letter format each option then lists the answers in question order (distractor's
+    first); in the word format the option still names the intended answer, with the
+    distractor's in parentheses, so only the questions' order changes. Rows are otherwise the
+    same items, options and answers as with ``"first"``.
     """
     check_subtask(intended)
     check_subtask(distractor)
@@ -692,6 +709,7 @@ def double_mc(
         )
     check_split(split)
     _check_answer_format(answer_format)
+    _check_position(intended_position)
     items_i = _pool_for_split(intended, split)
     items_d = _pool_for_split(distractor, split)
     available = len(items_i) * len(items_d)
@@ -699,36 +717,64 @@ def double_mc(
     rng = rng_for("double_mc", intended, distractor, split, seed)
     # A sample of distinct pair indices, decoded as (intended item, distractor item).
     chosen = rng.sample(range(available), n)
-    agree = split != "ood"
     rows = []
     for index, a_first in zip(chosen, _balanced_a_first(n, rng), strict=True):
         item_i, item_d = items_i[index // len(items_d)], items_d[index % len(items_d)]
-        right = (item_i.correct, item_d.correct if agree else item_d.incorrect)
-        wrong = (item_i.incorrect, item_d.incorrect if agree else item_d.correct)
-        first, second = (right, wrong) if a_first else (wrong, right)
-        answer = _answer(first, second, a_first, answer_format)
-        # The option holding the distractor's correct answer: the answer's one iff they agree.
-        distractor_first = a_first == agree
-        distractor_answer = answer["options"][0 if distractor_first else 1]
         rows.append(
-            {
-                "prompt": _prompt(
-                    f"{item_i.question} | {item_d.question}", first, second, answer_format
-                ),
-                **answer,
-                "task": f"{intended}|{distractor}",
-                "split": split,
-                "intended": intended,
-                "distractor": distractor,
-                "question_intended": item_i.question,
-                "question_distractor": item_d.question,
-                "correct_intended": item_i.correct,
-                "correct_distractor": item_d.correct,
-                "distractor_answer": distractor_answer,
-                "agrees": answer["answer"] == distractor_answer,
-            }
-        )
+            double_mc_row(
+                (intended, item_i), (distractor, item_d), split, a_first,
+                answer_format=answer_format, intended_position=intended_position,
+            )
+        )  # fmt: skip
     return to_dataset(rows)
+
+
+def double_mc_row(
+    intended: tuple[str, Item],
+    distractor: tuple[str, Item],
+    split: str,
+    correct_first: bool,
+    *,
+    answer_format: str = "letter",
+    intended_position: str = "first",
+) -> dict:
+    """One double multiple-choice row from a (sub-task name, :class:`Item`) per question.
+
+    The distractor's correct answer shares the correct option unless ``split`` is "ood";
+    ``correct_first`` puts the correct option first. The columns are those of
+    :func:`double_mc`, which builds its rows with this; so does the loader of the CAFT
+    paper's sub-task CSVs (:func:`caft_tl.tasks.load_reference_double_mc`).
+    """
+    (name_i, item_i), (name_d, item_d) = intended, distractor
+    _check_answer_format(answer_format)
+    _check_position(intended_position)
+    agree = check_split(split) != "ood"
+    right = (item_i.correct, item_d.correct if agree else item_d.incorrect)
+    wrong = (item_i.incorrect, item_d.incorrect if agree else item_d.correct)
+    first, second = (right, wrong) if correct_first else (wrong, right)
+    answer = _answer(first, second, correct_first, answer_format)
+    # The option holding the distractor's correct answer: the answer's one iff they agree.
+    distractor_answer = answer["options"][0 if correct_first == agree else 1]
+    questions, shown = (item_i.question, item_d.question), [first, second]
+    if intended_position == "second":
+        questions = questions[::-1]
+        if answer_format == "letter":  # answers listed in question order
+            shown = [o[::-1] for o in shown]
+    return {
+        "prompt": _prompt(" | ".join(questions), *shown, answer_format),
+        **answer,
+        "task": f"{name_i}|{name_d}",
+        "split": split,
+        "intended": name_i,
+        "distractor": name_d,
+        "question_intended": item_i.question,
+        "question_distractor": item_d.question,
+        "correct_intended": item_i.correct,
+        "correct_distractor": item_d.correct,
+        "distractor_answer": distractor_answer,
+        "agrees": answer["answer"] == distractor_answer,
+        "intended_position": intended_position,
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -413,8 +413,33 @@ def _row(
 ) -> dict[str, Any]:
     case, text = TEMPLATES[template_id]
     sentence = text.replace("{profession}", profession)
+    row = pronoun_row(split, sentence, case, stereotype, correct_first, answer_format)
+    row.update(profession=profession, template_id=template_id)
+    return {k: row[k] for k in _COLUMNS}
+
+
+_COLUMNS = (
+    "prompt", "answer", "options", "task", "split", "sentence", "profession", "stereotype",
+    "pronoun", "distractor", "gender", "case", "template_id", "agrees",
+)  # fmt: skip
+
+
+def pronoun_row(
+    split: str,
+    sentence: str,
+    case: str,
+    stereotype: str,
+    correct_first: bool,
+    answer_format: str = "letter",
+) -> dict[str, Any]:
+    """One pronoun question: ``sentence`` holds the blank :data:`BLANK`, ``case`` is
+    "nominative" or "object", ``stereotype`` the gender its profession suggests ("male" or
+    "female"); the pronoun's gender agrees with it except in ``split`` "ood". Shared by the
+    built-in gender tasks and the loader of the CAFT paper's gender CSV."""
+    if (stereotype, case) not in {(g, c) for g, c in PRONOUNS}:
+        raise ValueError(f"unknown stereotype/case {stereotype!r}/{case!r}")
     sentence = sentence[0].upper() + sentence[1:]
-    gender = _pronoun_gender(split, stereotype)
+    gender = _pronoun_gender(check_split(split), stereotype)
     pronoun = PRONOUNS[(gender, case)]
     distractor = DISTRACTORS[pronoun]
     options = (pronoun, distractor) if correct_first else (distractor, pronoun)
@@ -424,13 +449,11 @@ def _row(
         "task": TASK,
         "split": split,
         "sentence": sentence,
-        "profession": profession,
         "stereotype": stereotype,
         "pronoun": pronoun,
         "distractor": distractor,
         "gender": gender,
         "case": case,
-        "template_id": template_id,
         "agrees": gender == stereotype,
     }
 
