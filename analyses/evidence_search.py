@@ -11,7 +11,8 @@ evaluated on the ``test`` (in distribution) and ``ood`` splits at the end of eve
 every epoch is a candidate training length. Each run is cached as
 ``results/evidence_search/runs/<candidate>/s<seed>.json`` (a killed run restarts that run),
 and the table of every candidate, failures included, is rewritten after each run:
-``results/evidence_search.{json,md}``.
+``results/evidence_search.md`` and ``caft_tl/evidence_search.json`` (shipped with the
+package, so the demo's report can show how its default task was chosen).
 
 Candidate names: ``gender2:MALE|FEMALE`` (:func:`caft_tl.tasks.gender_two_professions`) and
 ``dmc:INTENDED|DISTRACTOR:first|second`` (:func:`caft_tl.tasks.double_mc`, word format, the
@@ -33,6 +34,9 @@ DEFAULT_CANDIDATES = ["gender2:doctor|nurse"]
 CRITERION = {"min_id": 0.90, "max_ood": 0.30, "min_n": 150, "seeds": [0, 1, 2]}
 SCREEN_OOD = 0.60  # seed 0 above this at every length: seeds 1-2 are not run
 DMC_N = {"train": 320, "test": 200, "ood": 200}
+PICK_RULE = "among qualifying settings, the fewest training steps, then the lowest mean OOD"
+TRAINING = "full fine-tune, AdamW lr 3e-5, batch 8, 5 warm-up steps then constant, seeds 0-2"
+PACKAGE_COPY = HERE.parent / "caft_tl" / "evidence_search.json"
 
 
 def candidate_splits(name: str) -> dict[str, Any]:
@@ -161,8 +165,9 @@ def markdown(table: list[dict[str, Any]], choice: dict[str, Any] | None) -> str:
     ]
     for r in table:
         per = lambda xs: " / ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+        name = r["candidate"].replace("|", "\\|")  # a bare | would split the cell
         lines.append(
-            f"| {r['candidate']} | {r['epochs']} | {r['steps']} | {per(r['id'])} | "
+            f"| {name} | {r['epochs']} | {r['steps']} | {per(r['id'])} | "
             f"{per(r['ood'])} | {r['mean_id']:.2f} | {r['mean_ood']:.2f} | {r['verdict']} |"
         )
     pick = "none yet" if choice is None else f"{choice['candidate']}, {choice['epochs']} epochs"
@@ -173,8 +178,12 @@ def markdown(table: list[dict[str, Any]], choice: dict[str, Any] | None) -> str:
 def write_tables() -> list[dict[str, Any]]:
     table = settings_table(load_runs())
     choice = chosen_setting(table)
-    out = {"criterion": CRITERION, "screen_ood": SCREEN_OOD, "settings": table, "chosen": choice}
-    (HERE / "results" / "evidence_search.json").write_text(json.dumps(out, indent=2) + "\n")
+    out = {
+        "criterion": CRITERION, "screen_ood": SCREEN_OOD, "pick_rule": PICK_RULE,
+        "training": TRAINING, "settings": table, "chosen": choice,
+    }  # fmt: skip
+    # The table ships with the package: the demo's report shows how its task was chosen.
+    PACKAGE_COPY.write_text(json.dumps(out, indent=2) + "\n")
     (HERE / "results" / "evidence_search.md").write_text(markdown(table, choice))
     return table
 

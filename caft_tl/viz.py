@@ -12,7 +12,7 @@ import pandas as pd
 
 from caft_tl._io import write_text_atomic
 
-__all__ = ["accuracy_figure", "demo_report"]
+__all__ = ["accuracy_figure", "demo_report", "search_table"]
 
 SPLIT_NAMES = {"test": "in-distribution (test)", "ood": "out-of-distribution"}
 COLOURS = {"test": "#4c78a8", "ood": "#e45756"}
@@ -82,6 +82,17 @@ pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em}
 
 
 def _task_text(task: str) -> str:
+    if task.startswith("gender2:"):
+        male, _, female = html.escape(task.partition(":")[2]).partition("|")
+        return (
+            f"Gender-pronoun task with two professions ({male} and {female}), as in the CAFT "
+            "paper: choose the grammatical pronoun. In training every " + male + " is "
+            "'he'/'him' and every " + female + " 'she'/'her', so the profession alone "
+            "predicts the answer as well as grammar does; the OOD split uses the same held-out "
+            "sentences with the gender flipped, so a model that learned the profession's "
+            "gender instead of grammar fails there. Hints for selecting directions: sentences "
+            "about women vs the same sentences about men (no professions, no task format)."
+        )
     if task == "gender_pronoun":
         return (
             "Gender-pronoun task: choose the grammatical pronoun. In training the correct "
@@ -90,10 +101,11 @@ def _task_text(task: str) -> str:
             "<i>profession gender</i> instead of grammar fails there. Hints for selecting "
             "directions: sentences about women vs the same sentences about men."
         )
-    pair = html.escape(task.partition(":")[2])
+    pair, _, position = html.escape(task.partition(":")[2]).partition(":")
+    which = "second" if position == "second" else "first"
     return (
         f"Double multiple choice ({pair}): two questions side by side, each option holds one "
-        "answer to each; the first (intended) question decides. In training both correct "
+        f"answer to each; the {which} (intended) question decides. In training both correct "
         "answers sit in the same option; OOD they do not, so a model that follows the "
         "distractor fails there. Hints for selecting directions: the distractor's contrast "
         "sets."
@@ -120,8 +132,74 @@ def _intro(results: dict[str, Any]) -> str:
         "fine-tune with the selected directions projected out (zero ablation) at "
         f"{', '.join(cfg['hooks'])}; <b>random</b> as many random directions; <b>top</b> as "
         "many top principal components; <b>plain@stepN</b> the plain run stopped early "
-        "(learned less). This is a small model on a toy task: read the ranges over seeds "
-        "before reading anything into a difference.</p>" + note
+        "(learned less); <b>plain+ablate-*</b> the plain model with CAFT's ablation at test "
+        "time only; <b>caft-*+hook</b> the CAFT model with its ablation kept on; "
+        "<b>caft-pca-mean</b> / <b>-steer-k</b> / <b>-detached</b> / <b>-gradient</b> the "
+        "variants of the steering-vs-ablation diagnostics. All other models are evaluated "
+        "with no intervention. This is a small model on a toy task: read the ranges over "
+        "seeds before reading anything into a difference.</p>" + note
+    )
+
+
+def _paired_html(results: dict[str, Any]) -> str:
+    """OOD and ID differences against plain, seed by seed, with bootstrap intervals."""
+    from caft_tl.evals import seed_comparison
+
+    evals = results["evals"]
+    if not any(name.startswith("plain/") for name in evals):
+        return ""
+    parts = []
+    for split in ("ood", "test"):
+        df = seed_comparison(evals, split=split)
+        df = df[df["diffs"].map(len) > 0]
+        rows = pd.DataFrame({
+            "method": df["method"],
+            "per seed": [" / ".join(f"{v:+.2f}" for v in d) for d in df["diffs"]],
+            "mean": df["diff_mean"].map(lambda x: f"{x:+.3f}"),
+            "95% bootstrap interval": df["diff_ci"].map(
+                lambda c: "-" if c[0] != c[0] else f"[{c[0]:+.2f}, {c[1]:+.2f}]"
+            ),
+        })  # fmt: skip
+        parts.append(f"<h3>{SPLIT_NAMES[split]}: method minus plain, same seed</h3>")
+        parts.append(rows.to_html(classes="tbl", border=0, index=False))
+    return "<h2>Paired differences against plain</h2>" + "".join(parts)
+
+
+def search_table() -> dict[str, Any] | None:
+    """The evidence search's table that ships with the package (None if absent)."""
+    from importlib.resources import files
+
+    path = files("caft_tl") / "evidence_search.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _search_html(task: str) -> str:
+    search = search_table()
+    if search is None:
+        return ""
+    chosen = search.get("chosen")
+    c = search["criterion"]
+    pick = "none qualified" if chosen is None else (
+        f"<b>{html.escape(chosen['candidate'])}</b>, {chosen['epochs']} epoch(s) "
+        f"({chosen['steps']} steps)"
+    )  # fmt: skip
+    rows = pd.DataFrame([{
+        "candidate": r["candidate"], "epochs": r["epochs"], "steps": r["steps"],
+        "ID per seed": " / ".join(f"{v:.2f}" for v in r["id"]),
+        "OOD per seed": " / ".join(f"{v:.2f}" for v in r["ood"]),
+        "mean ID": f"{r['mean_id']:.2f}", "mean OOD": f"{r['mean_ood']:.2f}",
+        "verdict": r["verdict"],
+    } for r in search["settings"]])  # fmt: skip
+    return (
+        "<h2>How this task was chosen</h2><p>A pre-registered search "
+        "(<code>analyses/evidence_search.py</code>) looked for settings where the plain "
+        "fine-tune of the embedded model learns the spurious cue, before any CAFT run: a "
+        f"setting qualifies when, over seeds {c['seeds']}, mean ID accuracy >= {c['min_id']} "
+        f"and mean OOD accuracy <= {c['max_ood']}, on >= {c['min_n']} examples per split. "
+        f"Training: {html.escape(search.get('training', ''))}. Rule for the demo: "
+        f"{html.escape(search.get('pick_rule', ''))}. Pick: {pick}. This study's task: "
+        f"<code>{html.escape(task)}</code>. Every candidate, failures included:</p>"
+        + rows.to_html(classes="tbl", border=0, index=False)
     )
 
 
@@ -146,6 +224,7 @@ def demo_report(
     parts = [f"<h1>CAFT study: {html.escape(results['task'])}</h1>", _intro(results)]
     parts += ["<h2>Accuracy</h2>", _table_html(summary_table(results))]
     parts.append(accuracy_figure(results).to_html(full_html=False, include_plotlyjs=False))
+    parts += [_paired_html(results), _search_html(results["task"])]
     if all_pcs is not None:
         parts.append("<h2>Principal components of the activation differences</h2>")
         fig = explained_variance_figure(all_pcs)

@@ -4,7 +4,9 @@
 - free-form: question sets (:func:`question_set`, :func:`load_questions`), batched sampling
   under an optional intervention (:func:`sample`), judges that score 0-100 from number
   probabilities (:class:`HTTPJudge`, :class:`LocalJudge`), and misalignment rates with
-  ranges over seeds (:func:`evaluate_freeform`, :func:`aggregate`).
+  ranges over seeds (:func:`evaluate_freeform`, :func:`aggregate`);
+- over seeds: bootstrap intervals and paired differences against a baseline
+  (:func:`bootstrap_ci`, :func:`seed_comparison`).
 """
 
 from caft_tl.evals.freeform import (
@@ -42,6 +44,7 @@ from caft_tl.evals.questions import (
     save_questions,
 )
 from caft_tl.evals.sampling import Generation, SamplingConfig, generate, sample
+from caft_tl.evals.stats import bootstrap_ci, seed_comparison
 
 __all__ = [
     "DENOMINATORS",
@@ -58,6 +61,7 @@ __all__ = [
     "Rubric",
     "SamplingConfig",
     "aggregate",
+    "bootstrap_ci",
     "evaluate_freeform",
     "evaluate_splits",
     "expand",
@@ -73,5 +77,6 @@ __all__ = [
     "save_questions",
     "score_from_logprobs",
     "score_from_probs",
+    "seed_comparison",
     "summarise",
 ]
