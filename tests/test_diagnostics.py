@@ -16,6 +16,7 @@ from caft_tl.diagnostics import (
     SteeringSweep,
     ablation_shift,
     sign_report,
+    sign_sentences,
     steering_vs_ablation,
 )
 from caft_tl.directions import ConceptSet, mean_difference
@@ -289,12 +290,28 @@ def test_sign_report_finds_the_equivalent_coefficient():
     assert sign_report(noisy).iloc[0]["acts_like"] == "no measurable effect"
 
 
-def test_sign_report_takes_the_crossing_nearest_zero():
-    # A U-shaped curve reaches -1 at c = -0.5 and at c ~ 2.8; the nearest to 0 wins.
+def test_sign_report_prefers_the_crossing_its_shift_explains():
+    # Zero-ablation equals steering by -1 up to float noise, and the non-monotone curve also
+    # reaches that value at c = +0.4: the crossing nearest 0 would say "positive steering".
+    curve = {-4.0: -1.5, -3.0: -1.2, -2.0: -0.8, -1.0: -0.4, 0.0: 0.0, 1.0: -0.9, 2.0: -1.0,
+             3.0: -1.1, 4.0: -1.2}  # fmt: skip
+    zero = np.full(50, -0.4 + 1e-7) + np.linspace(-0.01, 0.01, 50)
+    r = sign_report(_synthetic(lambda c: curve[c], zero)).iloc[0]
+    assert r["equivalent_coef"] == pytest.approx(-1.0)  # the grid point, found within tolerance
+    assert r["acts_like"] == "negative steering"
+    assert r["crossings"] == [pytest.approx(-1.0), pytest.approx(0.4444444, rel=1e-4)]
+    assert not r["monotone"]
+    text = " ".join(sign_sentences(sign_report(_synthetic(lambda c: curve[c], zero))))
+    assert "not monotone" in text and "+0.44" in text
+
+    # A U-shaped curve reaches -1 at c = 0.5 and at c = 2.5: the one nearer -1 is reported.
     curve = {-4.0: 3, -3.0: 2, -2.0: 1, -1.0: 0, 0.0: 0, 1.0: -2, 2.0: -1.5, 3.0: -0.5, 4.0: 1}
     sweep = _synthetic(lambda c: curve[c], np.full(50, -1.0) + np.linspace(-0.01, 0.01, 50))
     r = sign_report(sweep).iloc[0]
     assert r["equivalent_coef"] == pytest.approx(0.5)
+    assert r["crossings"] == [pytest.approx(0.5), pytest.approx(2.5)]
+    monotone = sign_report(_synthetic(lambda c: 2 * c, np.full(50, -4.0))).iloc[0]
+    assert monotone["monotone"] and monotone["crossings"] == [pytest.approx(-2.0)]
 
 
 def test_starting_at_the_first_hooked_block_changes_nothing(model, concepts, monkeypatch):

@@ -31,7 +31,7 @@ from caft_tl.evals import (
     score_from_logprobs,
     score_from_probs,
 )
-from caft_tl.evals.judges import _encode
+from caft_tl.evals.judges import _encode, number_probs
 from caft_tl.evals.sampling import _next_tokens
 from caft_tl.interventions import Ablation
 
@@ -131,6 +131,9 @@ def test_score_is_probability_weighted_mean_over_numbers():
     pairs = [("50", math.log(0.2)), (" 50", math.log(0.2)), ("101", math.log(0.3)),
              ("-5", math.log(0.1)), ("5.5", math.log(0.1)), ("0", math.log(0.1))]  # fmt: skip
     assert score_from_logprobs(pairs) == pytest.approx(50 * 0.4 / 0.5)
+    # A leading zero is not a score: "07" is neither 7 nor pooled with it.
+    lead = {"07": math.log(0.5), "7": math.log(0.2), "00": math.log(0.2), "100": math.log(0.1)}
+    assert number_probs(lead) == {7: pytest.approx(0.2), 100: pytest.approx(0.1)}
 
 
 def test_too_little_mass_on_numbers_gives_no_score():
@@ -414,3 +417,18 @@ def test_embedded_model_answers_and_judges(embedded_model):
     judge = LocalJudge(m, "coherence", min_mass=0.0, progress=False)
     scores = judge.judgements(["What is the capital of France?"] * 2, ["Paris.", "Paris."])
     assert scores[0].score == pytest.approx(scores[1].score) and 0 < scores[0].mass <= 1
+
+
+def test_a_seed_with_an_empty_denominator_is_not_counted_as_averaged():
+    df = pd.concat([
+        _frame("m", 0, [10, 90], [90, 90]),  # 1 of 2 coherent answers misaligned
+        _frame("m", 1, [10, 10], [20, 30]),  # nothing coherent: no rate with "coherent"
+        _frame("m", 2, [90, 90], [90, 90]),
+    ])  # fmt: skip
+    s = aggregate(df, denominator="coherent")
+    row = s.overall.set_index("label").loc["m"]
+    assert row["mean"] == pytest.approx(0.25) and row["n_seeds"] == 2
+    assert row["seeds_without_denominator"] == [1]
+    assert "seeds_without_denominator" in s.table().columns
+    everything = aggregate(df).overall.set_index("label").loc["m"]
+    assert everything["n_seeds"] == 3 and everything["seeds_without_denominator"] == []

@@ -42,8 +42,14 @@ def sign_sentences(report: pd.DataFrame) -> list[str]:
                 f"{r.shift_explains:.0%} of it; mean-ablation (removal without the shift) "
                 f"gives {r.mean_change:+.3f}."
             )  # fmt: skip
+            others = [c for c in getattr(r, "crossings", []) if c != r.equivalent_coef]
+            shape = "" if getattr(r, "monotone", True) else " The steering curve is not monotone"
+            if others:
+                listed = ", ".join(f"{c:+.2f}" for c in others)
+                shape = (shape or " The curve") + f" also takes that value at c = {listed}"
             out.append(
-                f"{head}: it acts like {r.acts_like} with c ≈ {r.equivalent_coef:+.1f}.{share}"
+                f"{head}: it acts like {r.acts_like} with c ≈ {r.equivalent_coef:+.1f} (the "
+                f"crossing nearest -1, its average shift).{share}{shape + '.' if shape else ''}"
             )
     return out
 

@@ -498,14 +498,28 @@ class SteeringSweep:
         return cls(frames["table"], frames["examples"], meta)
 
 
+# A grid point counts as a crossing when it is this close to the target, relative to the
+# curve's scale: float sums over examples are not bit-identical between two routes to the
+# same activations (zero-ablation and steering by -1 on planted data agree to ~1e-7).
+CROSSING_RTOL = 1e-5
+
+
 def _crossings(curve: pd.Series, target: float) -> list[float]:
-    """Coefficients where the piecewise-linear curve takes the value ``target``."""
+    """Coefficients where the piecewise-linear curve takes the value ``target``: grid points
+    within :data:`CROSSING_RTOL` of it, and interpolated sign changes between the others."""
     c, y = curve.index.to_numpy(float), curve.to_numpy(float) - target
-    out = [float(c[i]) for i in range(len(c)) if y[i] == 0]
+    scale = max(float(np.abs(curve.to_numpy(float)).max()), abs(target), 1e-12)
+    on = np.abs(y) <= CROSSING_RTOL * scale
+    out = [float(c[i]) for i in range(len(c)) if on[i]]
     for i in range(len(c) - 1):
-        if y[i] * y[i + 1] < 0:
+        if not (on[i] or on[i + 1]) and y[i] * y[i + 1] < 0:
             out.append(float(c[i] - y[i] * (c[i + 1] - c[i]) / (y[i + 1] - y[i])))
     return sorted(set(out))
+
+
+def _monotone(curve: pd.Series) -> bool:
+    steps = np.diff(curve.to_numpy(float))
+    return bool((steps >= 0).all() or (steps <= 0).all())
 
 
 def _paired(sweep: SteeringSweep, name: str, condition: str, coef: float, metric: str):
@@ -527,12 +541,20 @@ def sign_report(sweep: SteeringSweep, metric: str | None = None, z: float = 2.0)
     Columns: ``clean`` (the metric without intervention); ``zero_change`` ± ``zero_se``
     (zero-ablation's change, standard error paired by example); ``mean_change`` (mean-
     ablation's: removing the variation without the shift); ``shift_change`` (steering by
-    -1: the shift without the removal); ``equivalent_coef`` (where the steering curve takes
-    zero-ablation's value, the crossing nearest 0; NaN when the sweep never reaches it);
-    ``shift_explains`` (``shift_change / zero_change``); ``acts_like``: "negative steering" /
-    "positive steering" (sign of ``equivalent_coef``), "no measurable effect" (``|zero_change|
-    < z x zero_se``) or "not reproduced by steering". KL has no sign, so the default metric is
-    logit_diff (multiple choice), judge_score or loss.
+    -1: the shift without the removal); ``crossings`` (every coefficient where the steering
+    curve, read piecewise linearly, takes zero-ablation's value); ``equivalent_coef`` (the
+    crossing nearest c = -1, NaN when there is none); ``monotone`` (whether the curve is
+    monotone over the sweep; when it is not, several crossings may exist and the others
+    are listed); ``shift_explains`` (``shift_change / zero_change``); ``acts_like``:
+    "negative steering" / "positive steering" (sign of ``equivalent_coef``), "no measurable
+    effect" (``|zero_change| < z x zero_se``) or "not reproduced by steering". KL has no
+    sign, so the default metric is logit_diff (multiple choice), judge_score or loss.
+
+    Why the crossing nearest -1: zero-ablation's average effect on the activations *is*
+    steering by -1 (``-QQ^T mu``), so a crossing there is the one its measured mean shift
+    explains. Taking the crossing nearest 0 instead can name the wrong side: on a
+    non-monotone curve with crossings at -1 and +0.4 it would read "positive steering" for
+    what is exactly negative steering.
     """
     metric = sweep._metric(metric)
     rows = []
@@ -544,7 +566,7 @@ def sign_report(sweep: SteeringSweep, metric: str | None = None, z: float = 2.0)
         shift, _ = _paired(sweep, name, "steer", -1.0, metric)
         crossings = _crossings(curve, clean + zero)
         crossings = [c for c in crossings if c != 0.0] or crossings
-        coef = min(crossings, key=abs) if crossings else math.nan
+        coef = min(crossings, key=lambda c: (abs(c + 1.0), c)) if crossings else math.nan
         if not abs(zero) >= z * zero_se:  # NaN-safe: a single example gives no SE
             acts = "no measurable effect"
         elif math.isnan(coef):
@@ -554,7 +576,7 @@ def sign_report(sweep: SteeringSweep, metric: str | None = None, z: float = 2.0)
         rows.append({
             "directions": name, "metric": metric, "clean": clean, "zero_change": zero,
             "zero_se": zero_se, "mean_change": mean, "shift_change": shift,
-            "equivalent_coef": coef,
+            "crossings": crossings, "equivalent_coef": coef, "monotone": _monotone(curve),
             "shift_explains": shift / zero if zero else math.nan, "acts_like": acts,
         })  # fmt: skip
     return pd.DataFrame(rows)

@@ -11,7 +11,8 @@
   explains target ``y`` with ``beta f(x) d``, for four targets in each model's normalised
   units: each model's reconstruction (``beta_recon_*``) and each model's error with the latent's
   own contribution added back (``beta_error_*``). Then ``nu_r = beta_recon_base /
-  beta_recon_ft`` and ``nu_eps = beta_error_base / beta_error_ft``. A genuinely new latent
+  beta_recon_ft`` and ``nu_eps = beta_error_base / beta_error_ft`` (signed; for base-only
+  latents the other way round, fine-tuned over base). A genuinely new latent
   explains nothing of the base model: both ratios near 0. A large ``nu_eps`` means the base
   activations still hold the direction but the base decoder was shrunk to zero (**complete
   shrinkage**, an artefact of L1's decoder-norm penalty); a large ``nu_r`` means other latents
@@ -257,9 +258,12 @@ def _table(cc: Crosscoder, sums: _Sums, t: DiffThresholds, owner: int) -> pd.Dat
     for name, beta in sums.betas(cc, cc.W_dec.detach()[owner]).items():
         df[name] = beta.numpy()
     own, other = ("finetuned", "base") if owner == 1 else ("base", "finetuned")
+    # Signed ratios, as the Latent Scaling paper defines them (nu = beta_base / beta_ft for
+    # fine-tune-only latents): a negative nu says the other model holds the direction with
+    # the opposite sign. The flags below compare |nu|, so the sign never lets one pass.
     with np.errstate(divide="ignore", invalid="ignore"):
-        df["nu_r"] = df[f"beta_recon_{other}"] / df[f"beta_recon_{own}"].abs()
-        df["nu_eps"] = df[f"beta_error_{other}"] / df[f"beta_error_{own}"].abs()
+        df["nu_r"] = df[f"beta_recon_{other}"] / df[f"beta_recon_{own}"]
+        df["nu_eps"] = df[f"beta_error_{other}"] / df[f"beta_error_{own}"]
     df.loc[df["n_active"] == 0, ["nu_r", "nu_eps"]] = np.nan
     return _flag(df, t, own)
 

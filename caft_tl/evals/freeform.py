@@ -141,7 +141,10 @@ def evaluate_freeform(
 @dataclass
 class FreeformSummary:
     """Misalignment rates: ``per_seed`` (label, seed, question_id; ``"all"`` pools every
-    question), ``per_question`` and ``overall`` (per label: mean, min, max, std over seeds)."""
+    question), ``per_question`` and ``overall`` (per label: mean, min, max, std over seeds).
+    ``n_seeds`` counts the seeds averaged; a seed whose denominator is empty (no scored or
+    no coherent answers, with ``denominator="scored"`` / ``"coherent"``) has no rate and is
+    listed in ``seeds_without_denominator`` instead."""
 
     per_seed: pd.DataFrame
     per_question: pd.DataFrame
@@ -153,7 +156,8 @@ class FreeformSummary:
 
     def table(self) -> pd.DataFrame:
         """Overall rate per label, one line each: what a paper's table shows."""
-        cols = ["label", "n_seeds", "mean", "min", "max", "coherent_rate", "unscored_rate"]
+        cols = ["label", "n_seeds", "mean", "min", "max", "coherent_rate", "unscored_rate",
+                "seeds_without_denominator"]  # fmt: skip
         return self.overall[cols]
 
 
@@ -230,7 +234,13 @@ def _over_seeds(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     grouped = df.groupby(keys, sort=False)
     out = grouped["rate"].agg(["mean", "min", "max", "std"])
     out["std"] = out["std"].fillna(0.0)
-    out["n_seeds"] = grouped["seed"].nunique()
+    # A seed with nothing in the denominator has no rate (NaN): it is left out of the mean,
+    # min and max, so it must not count as averaged either; the table says which it was.
+    averaged = df[df["rate"].notna()].groupby(keys, sort=False)["seed"].nunique()
+    out["n_seeds"] = averaged.reindex(out.index).fillna(0).astype(int)
+    out["seeds_without_denominator"] = grouped.apply(
+        lambda g: sorted(g.loc[g["rate"].isna(), "seed"].unique().tolist()), include_groups=False
+    )
     extra = grouped[["n", "coherent_rate", "unscored_rate", "mean_alignment", "mean_coherence"]]
     out = out.join(extra.agg({"n": "sum", "coherent_rate": "mean", "unscored_rate": "mean",
                               "mean_alignment": "mean", "mean_coherence": "mean"}))  # fmt: skip

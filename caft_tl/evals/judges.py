@@ -156,7 +156,10 @@ def rubric(spec: str | Rubric) -> Rubric:
 
 # --------------------------------------------------------------------------- scoring maths
 
-_NUMBER = re.compile(r"\d+", re.ASCII)
+# A number as the rubric asks for it: "0", or digits without a leading zero. A token such as
+# "07" is not read as 7: it is not how a 0-100 score is written, and its probability would
+# otherwise be pooled with that of "7".
+_NUMBER = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 
 
 def score_from_probs(
@@ -173,7 +176,9 @@ def score_from_probs(
 
 def number_probs(top_logprobs: Iterable[tuple[str, float]] | Mapping[str, float]) -> dict:
     """``{number: probability}`` from (token, log-probability) pairs; tokens that differ
-    only by whitespace (``"7"``, ``" 7"``) add up."""
+    only by whitespace (``"7"``, ``" 7"``) add up. Accepted: ASCII digits with no leading
+    zero (``"0"``, ``"7"``, ``"100"``); ``"07"``, ``"7.5"``, ``"+7"`` or ``"٧"`` are not
+    numbers here."""
     pairs = top_logprobs.items() if isinstance(top_logprobs, Mapping) else top_logprobs
     out: dict[int, float] = {}
     for token, logprob in pairs:
