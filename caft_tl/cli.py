@@ -4,7 +4,7 @@
     caft-tl cache MODEL DATA --hooks H [H ...] --out DIR
     caft-tl finetune MODEL DATA --out DIR [--concepts PATH --mode M] [--lora-r R] ...
     caft-tl smoke                             load, chat, cache on the embedded model
-    caft-tl demo [--quick] [--sae] [--out DIR]  the end-to-end CAFT study (gender task)
+    caft-tl demo [--quick] [--sae] [--task T] the end-to-end CAFT study
     caft-tl directions pca|sae|rank|interpret|select ...   (see caft_tl/cli_directions.py)
     caft-tl diagnose shift|steer|decompose|all CONCEPTS ...  (see caft_tl/cli_diagnose.py)
     caft-tl crosscoder train|diff ...                         (see caft_tl/cli_crosscoder.py)
@@ -384,12 +384,18 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.set_defaults(func=cmd_smoke)
 
     demo = sub.add_parser(
-        "demo", help="the end-to-end CAFT study on the gender task (about 27 min on 2 cores)"
+        "demo", help="the end-to-end CAFT study (default task: gender2:doctor|nurse; <30 min)"
+    )
+    demo.add_argument(
+        "--task",
+        default=None,
+        help="gender2:MALE|FEMALE (default gender2:doctor|nurse, the evidence search's pick), "
+        "gender_pronoun, or double_mc:INTENDED|DISTRACTOR[:second]",
     )
     demo.add_argument("--out", default="caft-demo", help="folder for every artefact (reused)")
     demo.add_argument("--quick", action="store_true", help="1 seed, less data: about 4 min")
     demo.add_argument("--sae", action="store_true", help="also SAE latents as concepts")
-    demo.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default 0 1 2)")
+    demo.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default: preset)")
     demo.add_argument("--steps", type=int, help="fine-tuning steps per run")
     demo.add_argument(
         "--answer-format", choices=["pronoun", "letter"], help="how the options are shown"
@@ -399,8 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from caft_tl.demo import DemoConfig, run_demo, summary_table
+    from caft_tl.demo import DEFAULT_TASK, DemoConfig, run_demo, summary_table
 
+    task = args.task or DEFAULT_TASK
     overrides = {"sae": args.sae}
     if args.seeds:
         overrides["seeds"] = args.seeds
@@ -411,7 +418,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
     if args.answer_format:
         overrides["answer_format"] = args.answer_format
-    cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    make = DemoConfig.quick if args.quick else DemoConfig.for_task
+    cfg = make(task, **overrides)
     model = _load("embedded", args.device, args.dtype)
     results = run_demo(args.out, cfg, model=model)
     print()

@@ -49,6 +49,28 @@ __all__ = ["DemoConfig", "demo_concepts", "run_demo"]
 
 RESULTS_FORMAT = "caft_tl.demo_results"
 
+# The demo's task: the pick of the pre-registered evidence search (analyses/evidence_search.py;
+# its table ships as caft_tl/evidence_search.json and the report shows it).
+DEFAULT_TASK = "gender2:doctor|nurse"
+# Per-task settings of `caft-tl demo` (fields not named keep the dataclass defaults, which are
+# the gender_pronoun study's). gender2: the search's training (constant lr after 5 warm-up
+# steps) for its pick, one epoch of 286 rows; two seeds fit the 30 minutes on 2 cores (the
+# five-seed comparison is analyses/evidence_comparison.py).
+TASK_PRESETS: dict[str, dict[str, Any]] = {
+    "gender2:doctor|nurse": dict(
+        seeds=[0, 1],
+        n_train=286,
+        n_eval=150,
+        max_steps=36,
+        warmup_steps=5,
+        schedule="constant",
+        learned_less_step=18,
+        test_time=True,
+    ),  # fmt: skip
+}
+# What --quick keeps of a preset (the rest is scaled down).
+QUICK_KEEPS = ("schedule", "test_time")
+
 
 @dataclass
 class DemoConfig:
@@ -107,14 +129,21 @@ class DemoConfig:
     variants: list[str] = field(default_factory=list)
 
     @classmethod
-    def quick(cls, **overrides: Any) -> DemoConfig:
+    def for_task(cls, task: str = DEFAULT_TASK, **overrides: Any) -> DemoConfig:
+        """The study ``caft-tl demo --task TASK`` runs: the task's preset
+        (:data:`TASK_PRESETS`; none: the field defaults), then ``overrides``."""
+        return cls(**{**TASK_PRESETS.get(task, {}), "task": task, **overrides})
+
+    @classmethod
+    def quick(cls, task: str = DEFAULT_TASK, **overrides: Any) -> DemoConfig:
         """One seed, less data, no learned-less control: about 4 minutes on 2 cores."""
+        preset = {k: v for k, v in TASK_PRESETS.get(task, {}).items() if k in QUICK_KEEPS}
         values = dict(
             seeds=[0], n_train=160, n_eval=60, max_steps=20, lr=5e-5, warmup_steps=2,
             learned_less_step=None, n_direction_prompts=60, n_chat_prompts=60, n_hint_pairs=60,
             sae_width=1024,
         )  # fmt: skip
-        return cls(**{**values, **overrides})
+        return cls(**{**values, **preset, "task": task, **overrides})
 
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -180,19 +209,30 @@ def _train_config(cfg: DemoConfig, seed: int, keep: Sequence[int] = ()) -> Any:
     )  # fmt: skip
 
 
+# Fields that only add or leave out runs: each (method, seed) is cached on its own, so a
+# folder may be run again with other seeds, variants, SAE latents or test-time evaluations,
+# as long as the first seed (whose plain model gives the directions) stays.
+ADDITIVE_FIELDS = frozenset({"seeds", "variants", "test_time", "sae", "keep_models"})
+
+
 def _check_config(out: Path, cfg: DemoConfig) -> None:
     saved = out / "config.json"
+    new = cfg.to_dict()
     if saved.exists():
         old = read_json(saved, "demo configuration")
-        if old != cfg.to_dict():
-            changed = sorted(k for k in cfg.to_dict() if old.get(k) != cfg.to_dict()[k])
+        changed = sorted(k for k in set(new) | set(old) if old.get(k) != new.get(k))
+        fixed = [k for k in changed if k not in ADDITIVE_FIELDS]
+        if "seeds" in changed and (old.get("seeds") or [None])[0] != new["seeds"][0]:
+            fixed.append("seeds (the first seed gives the directions)")
+        if fixed:
             raise ValueError(
-                f"{out} holds a demo run with another configuration (differs in {changed}); "
+                f"{out} holds a demo run with another configuration (differs in {fixed}); "
                 "use another --out folder or delete it"
             )
-        return
+        if not changed:
+            return
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(saved, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_text_atomic(saved, json.dumps(new, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,10 +508,11 @@ def run_demo(
     model: Any = None,
     echo: bool = True,
 ) -> dict[str, Any]:
-    """Run (or resume) the study into ``out``; returns the results (also ``results.json``)."""
+    """Run (or resume) the study into ``out``; returns the results (also ``results.json``).
+    ``cfg`` defaults to ``DemoConfig.for_task()``, what ``caft-tl demo`` runs."""
     from caft_tl.models import load_model
 
-    cfg = cfg or DemoConfig()
+    cfg = cfg or DemoConfig.for_task()
     out = Path(out)
     _check_config(out, cfg)
     log = _Log(echo)

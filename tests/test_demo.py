@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -182,6 +183,19 @@ def test_two_professions_with_test_time_ablation_and_variants(model, tmp_path, m
 
     monkeypatch.setattr("caft_tl.compare.finetune", no_training)
     assert run_demo(tmp_path, cfg, model=model, echo=False)["evals"] == results["evals"]
+
+    # More variants later: only the new runs train; the first seed may not change.
+    monkeypatch.undo()
+    trained = []
+    real = ct.train.finetune
+    monkeypatch.setattr(
+        "caft_tl.compare.finetune", lambda *a, **k: trained.append(k["out"].name) or real(*a, **k)
+    )
+    more = dataclasses.replace(cfg, seeds=[0], variants=["mean", "steer-3", "detached"])
+    again = run_demo(tmp_path, more, model=model, echo=False)
+    assert trained == ["caft-pca-detached"] and "caft-pca-detached/s0" in again["evals"]
+    with pytest.raises(ValueError, match="first seed"):
+        run_demo(tmp_path, dataclasses.replace(cfg, seeds=[1, 0]), model=model, echo=False)
 
 
 def test_task_names_are_checked():

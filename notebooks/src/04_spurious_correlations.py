@@ -9,7 +9,9 @@ CELLS = [
 CAFT's toy settings are multiple-choice tasks where the training data holds a spurious cue:
 
 - **gender pronoun**: pick the grammatical pronoun; in training the profession's gender
-  stereotype always agrees with the correct pronoun, out of distribution (OOD) it never does;
+  stereotype always agrees with the correct pronoun, out of distribution (OOD) it never does.
+  With two professions only (doctor / nurse, the CAFT paper's design) the embedded model
+  learns the shortcut: that is the demo's task;
 - **double multiple choice**: two questions side by side with combined options; in training
   both correct answers sit in the same option, OOD they do not, and the model must follow the
   intended (first) question.
@@ -17,7 +19,7 @@ CAFT's toy settings are multiple-choice tasks where the training data holds a sp
 This notebook shows the generated data (`ct.tasks`, offline and deterministic by seed), scores
 the embedded SmolLM2-135M-Instruct with `ct.evals.multiple_choice`, and runs the study of
 `caft-tl demo` **at a tiny size** (one seed, a few steps) so that it executes in CI in a few
-minutes. The numbers of the full study (three seeds) are in the README; the numbers below
+minutes. The numbers of the full comparison (five seeds) are in the README; the numbers below
 only show the mechanics.""",
     ),
     (
@@ -59,6 +61,30 @@ print()
 print(ood[0]["prompt"], ood[0]["answer"], sep="")
 columns = ["profession", "stereotype", "pronoun", "distractor", "case", "answer"]
 pd.DataFrame(test.select(range(6)))[columns]""",
+    ),
+    (
+        "md",
+        """
+### The two-profession design
+
+With one profession per gender (`ct.tasks.gender_two_professions`, doctor and nurse by
+default), one word predicts the pronoun's gender in every training row. A pre-registered
+search (`analyses/evidence_search.py`) fine-tuned the embedded model on this and other
+candidate tasks and kept every result; a setting qualifies when the plain fine-tune reaches
+ID >= 0.90 and OOD <= 0.30 over three seeds. Its table ships with the package:""",
+    ),
+    (
+        "code",
+        """
+from caft_tl.viz import search_table
+
+train2 = ct.tasks.gender_two_professions("train")
+print(len(train2), "training rows;", train2[0]["prompt"], train2[0]["answer"], sep="\n")
+search = search_table()
+print("criterion:", search["criterion"], "| pick:", search["chosen"]["candidate"],
+      search["chosen"]["epochs"], "epoch(s)")
+cols = ["candidate", "epochs", "steps", "mean_id", "mean_ood", "verdict"]
+pd.DataFrame(search["settings"])[cols].round(3)""",
     ),
     (
         "md",
@@ -132,16 +158,19 @@ pd.DataFrame(rows).set_index("sub-task").round(3)""",
 differences, selection of the directions that separate sentences about women from the same
 sentences about men better than random directions do (never task or OOD data), CAFT
 fine-tunes with the selected directions ablated, the random-direction and top-PC controls,
-and a report. Here: one seed, 10 steps, 40 evaluation examples per split. Every artefact
-lands in `out/`, and running the cell again reuses them.""",
+the plain model with CAFT's ablation at test time only (`plain+ablate-pca`), the CAFT model
+with its ablation kept on (`caft-pca+hook`), and a report. Here, on the two-profession task:
+one seed, 10 steps, 40 evaluation examples per split. Every artefact lands in `out/`, and
+running the cell again reuses them.""",
     ),
     (
         "code",
         """
 out = Path(tempfile.mkdtemp(prefix="caft-study-"))
 cfg = DemoConfig(
-    seeds=[0], n_train=80, n_eval=40, max_steps=10, lr=5e-5, warmup_steps=1,
-    learned_less_step=None, n_direction_prompts=40, n_chat_prompts=40, n_hint_pairs=60,
+    task="gender2:doctor|nurse", seeds=[0], n_train=80, n_eval=40, max_steps=10, lr=5e-5,
+    warmup_steps=1, schedule="constant", learned_less_step=None, test_time=True,
+    n_direction_prompts=40, n_chat_prompts=40, n_hint_pairs=60,
 )
 results = run_demo(out, cfg, model=model)
 summary_table(results)""",
