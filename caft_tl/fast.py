@@ -141,10 +141,19 @@ class FastUnembed(Unembed):
 # --------------------------------------------------------------------------- attention
 
 
+def _overridden(module: nn.Module) -> bool:
+    """Whether a method of the module's class is replaced on this instance (e.g. a test or an
+    experiment patching ``calculate_qkv_matrices`` on one layer): the short path would not
+    call it, so TransformerLens's own forward must run."""
+    cls = type(module)
+    return any(callable(v) and hasattr(cls, k) for k, v in vars(module).items())
+
+
 def _attention_fast_ok(self: Any, additive_attention_mask: Any, position_bias: Any) -> bool:
     cfg = self.cfg
     return (
         additive_attention_mask is None
+        and not _overridden(self)
         and position_bias is None
         and not _hooked(self.hook_attn_scores, self.hook_pattern)
         and cfg.positional_embedding_type in ("rotary", "standard", "shortformer")
@@ -186,9 +195,14 @@ def _attention_forward(
     q, k, v = _qkv(self, query_input, key_input, value_input)
     offset, rotated_past = 0, None
     entry = past_kv_cache_entry
+    # Rotated keys may be remembered across decoding steps only when rotating them again
+    # would give the same tensor: not with dynamic NTK (the table changes with the length,
+    # and TransformerLens re-rotates every key with the current one), and not when a hook on
+    # hook_rot_k could edit the remembered tensor in place (the edit would compound).
+    memo = entry is not None and not self.cfg.use_dynamic_ntk_rope and not _hooked(self.hook_rot_k)
     if entry is not None:
         offset = entry.past_keys.size(1)
-        rotated_past = _rotated_past_keys(entry, attention_mask)
+        rotated_past = _rotated_past_keys(entry, attention_mask) if memo else None
         k, v = entry.append(k, v)
     if self.cfg.positional_embedding_type == "rotary":
         q = self.hook_rot_q(self.apply_rotary(q, offset, attention_mask))
@@ -197,7 +211,7 @@ def _attention_forward(
         else:
             new = self.apply_rotary(k[:, offset:], offset, attention_mask)
             k = torch.cat([rotated_past, new], dim=1)
-        if entry is not None and not entry.frozen:
+        if memo and not entry.frozen:
             _remember_rotated_keys(entry, k, attention_mask)
         k = self.hook_rot_k(k)
     z = self.hook_z(_sdpa(q, k, v, offset, attention_mask, 1.0 / self.attn_scale))
@@ -245,6 +259,12 @@ def _head_linear(
     return _plus_adapter(simple_attn_linear(x, w, b), adapter, x)  # contiguous output
 
 
+def _contiguous_if_hooked(point: HookPoint, x: Tensor) -> Tensor:
+    """``point(x)``; the per-head product is a permuted view, and a hook may ``.view`` what it
+    gets as it can TransformerLens's contiguous tensor: give hooks a contiguous copy."""
+    return point(x.contiguous() if _hooked(point) else x)
+
+
 def _qkv(
     self: Any,
     query_input: Float[Tensor, "batch pos d_model"],
@@ -263,9 +283,12 @@ def _qkv(
     if not per_head and all(factored(self, n)[1] is None for n in names):
         return self.calculate_qkv_matrices(query_input, key_input, value_input)
     biases = (self.b_Q, self._b_K, self._b_V) if grouped else (self.b_Q, self.b_K, self.b_V)
-    q = self.hook_q(_head_linear(self, names[0], query_input, biases[0], per_head))
-    k = self.hook_k(_head_linear(self, names[1], key_input, biases[1], per_head))
-    v = self.hook_v(_head_linear(self, names[2], value_input, biases[2], per_head))
+    inputs = (query_input, key_input, value_input)
+    points = (self.hook_q, self.hook_k, self.hook_v)
+    q, k, v = (
+        _contiguous_if_hooked(point, _head_linear(self, name, x, b, per_head))
+        for point, name, x, b in zip(points, names, inputs, biases, strict=True)
+    )
     if self.cfg.use_qk_norm:
         q = self._apply_qk_norm(q, self.q_norm)
         k = self._apply_qk_norm(k, self.k_norm)

@@ -325,3 +325,72 @@ def test_embedded_fast_equals_plain(embedded_model):
     assert _rel(grads[1][0], grads[0][0]) < REL
     worst = max(_rel(grads[1][1][n], g) for n, g in grads[0][1].items())
     assert worst < 1e-3  # gradients sum many more terms than logits
+
+
+# ------------------------------------------------ regressions found by reading (issue 21)
+
+
+def _decoded(model, tokens, mask, start, hooks=()):
+    """Prefill ``start`` positions, then decode one token at a time (gradients off, not
+    inference mode), with ``hooks`` on throughout."""
+    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+        cache, first = _prefill(model, tokens, mask, start)
+        return torch.cat([first, *_decode(model, tokens, mask, cache, start, tokens.shape[1])], 1)
+
+
+def test_dynamic_ntk_rotary_with_a_cache_matches_transformer_lens():
+    plain, fast = _pair()
+    for model in (plain, fast):  # Qwen-1 style: the rotary base widens past 6 positions
+        model.cfg.use_dynamic_ntk_rope, model.cfg.train_seq_length = True, 6
+    tokens, mask = _tokens(pos=14), torch.ones(3, 14, dtype=torch.long)
+    want = _decoded(plain, tokens, mask, 4)
+    assert _rel(_decoded(fast, tokens, mask, 4), want) < REL
+
+
+def test_an_in_place_hook_on_rotated_keys_is_applied_once_per_step():
+    def double(k, hook):
+        k.mul_(2)  # edits what it is given; returns nothing
+
+    plain, fast = _pair()
+    tokens, mask = _tokens(pos=10), _left_padded_mask(pos=10)
+    hooks = [("blocks.0.attn.hook_rot_k", double)]
+    want = _decoded(plain, tokens, mask, 5, hooks)
+    assert _rel(_decoded(fast, tokens, mask, 5, hooks), want) < REL
+    assert _rel(_decoded(plain, tokens, mask, 5), want) > 1e-3  # the hook matters
+
+
+@pytest.mark.parametrize("name", ["hook_q", "hook_k", "hook_v"])
+def test_query_key_value_hooks_get_contiguous_tensors(pair, name):
+    plain, fast = pair
+    seen = []
+
+    def flatten(x, hook):
+        seen.append(x.is_contiguous())
+        return x.view(*x.shape[:2], -1).view(x.shape) * 1.5  # .view needs contiguity
+
+    tokens = _tokens(pos=12)  # 36 rows: the per-head product on the fast path
+    hooks = [(f"blocks.0.attn.{name}", flatten)]
+    want = plain.run_with_hooks(tokens, fwd_hooks=hooks)
+    got = fast.run_with_hooks(tokens, fwd_hooks=hooks)
+    assert all(seen) and _rel(got, want) < REL
+
+
+def test_a_method_replaced_on_one_layer_is_used_on_every_input_size(pair):
+    plain, fast = pair
+    outputs = {}
+    for label, model in (("plain", plain), ("fast", fast)):
+        attn = model.blocks[0].attn
+        original = attn.calculate_qkv_matrices
+
+        def clipped(*args, _original=original, **kwargs):
+            q, k, v = _original(*args, **kwargs)
+            return q.clamp(-0.05, 0.05), k, v
+
+        attn.calculate_qkv_matrices = clipped
+        try:
+            outputs[label] = [model(_tokens(pos=pos)) for pos in (12, 50)]  # short and long
+        finally:
+            del attn.calculate_qkv_matrices
+    for got, want in zip(outputs["fast"], outputs["plain"], strict=True):
+        assert _rel(got, want) < REL
+    assert _rel(plain(_tokens(pos=12)), outputs["plain"][0]) > 1e-3  # the override mattered
