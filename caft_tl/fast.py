@@ -102,6 +102,35 @@ def _hooked(*points: nn.Module | None) -> bool:
     )
 
 
+def _is_caching_hook(fn: Any) -> bool:
+    """Whether ``fn`` is TransformerLens's own forward caching hook (``run_with_cache``,
+    ``add_caching_hooks``): it only stores a detached copy, so it cannot change the forward."""
+    func = getattr(fn, "func", fn)  # run_with_cache registers functools.partial(save_hook)
+    kwargs = getattr(fn, "keywords", None) or {}
+    return (
+        getattr(func, "__module__", "") == "transformer_lens.HookedRootModule"
+        and getattr(func, "__qualname__", "").endswith("<locals>.save_hook")
+        and not kwargs.get("is_backward", False)
+    )
+
+
+def _only_caching(*points: nn.Module | None) -> bool:
+    """Whether every hook on ``points`` is a forward caching hook (or there are none): then
+    the short path may run, feeding the hooks the values TransformerLens would, so that
+    ``run_with_cache`` takes the same route as a plain forward and gives the same logits."""
+    for p in points:
+        if p is None or not _hooked(p):
+            continue
+        if p._forward_pre_hooks or p._backward_hooks or p._backward_pre_hooks:
+            return False
+        handles = getattr(p, "fwd_hooks", None)
+        if handles is None or len(handles) != len(p._forward_hooks):
+            return False  # a plain PyTorch hook: unknown
+        if not all(_is_caching_hook(h.user_hook) for h in handles):
+            return False
+    return True
+
+
 # --------------------------------------------------------------------------- MLP, unembed
 
 
@@ -155,7 +184,7 @@ def _attention_fast_ok(self: Any, additive_attention_mask: Any, position_bias: A
         additive_attention_mask is None
         and not _overridden(self)
         and position_bias is None
-        and not _hooked(self.hook_attn_scores, self.hook_pattern)
+        and _only_caching(self.hook_attn_scores, self.hook_pattern)
         and cfg.positional_embedding_type in ("rotary", "standard", "shortformer")
         and (self._attention_dir_override or cfg.attention_dir) == "causal"
         and self.attn_type == "global"
@@ -214,6 +243,8 @@ def _attention_forward(
         if memo and not entry.frozen:
             _remember_rotated_keys(entry, k, attention_mask)
         k = self.hook_rot_k(k)
+    if _hooked(self.hook_attn_scores, self.hook_pattern):  # caching hooks only (see above)
+        _feed_pattern_hooks(self, q, k, offset, attention_mask)
     z = self.hook_z(_sdpa(q, k, v, offset, attention_mask, 1.0 / self.attn_scale))
     w_o, adapter = factored(self, "W_O")  # the stored weight, not a merged copy
     n_heads, d_head, d_model = w_o.shape
@@ -259,10 +290,23 @@ def _head_linear(
     return _plus_adapter(simple_attn_linear(x, w, b), adapter, x)  # contiguous output
 
 
+def _feed_pattern_hooks(
+    self: Any, q: Tensor, k: Tensor, offset: int, attention_mask: Tensor | None
+) -> None:
+    """Compute the attention scores and pattern as TransformerLens's forward does, only to
+    hand them to their (caching) hooks; the output still comes from the short path."""
+    with torch.no_grad():
+        scores = self.calculate_attention_scores(q, k)
+        scores = self.hook_attn_scores(self.apply_causal_mask(scores, offset, attention_mask))
+        pattern = F.softmax(scores, dim=-1)
+        self.hook_pattern(torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern))
+
+
 def _contiguous_if_hooked(point: HookPoint, x: Tensor) -> Tensor:
     """``point(x)``; the per-head product is a permuted view, and a hook may ``.view`` what it
-    gets as it can TransformerLens's contiguous tensor: give hooks a contiguous copy."""
-    return point(x.contiguous() if _hooked(point) else x)
+    gets as it can TransformerLens's contiguous tensor: give such hooks a contiguous copy
+    (caching hooks store the view as it is, so a cached run computes what a plain one does)."""
+    return point(x.contiguous() if _hooked(point) and not _only_caching(point) else x)
 
 
 def _qkv(
@@ -400,7 +444,7 @@ class FastTransformerBlock(TransformerBlock):
             and not cfg.attn_only
             and not cfg.parallel_attn_mlp
             and cfg.original_architecture not in POST_NORM_ARCHITECTURES
-            and not _hooked(*self.ln1.modules())
+            and _only_caching(*self.ln1.modules())
         )
 
     def forward(

@@ -394,3 +394,41 @@ def test_a_method_replaced_on_one_layer_is_used_on_every_input_size(pair):
     for got, want in zip(outputs["fast"], outputs["plain"], strict=True):
         assert _rel(got, want) < REL
     assert _rel(plain(_tokens(pos=12)), outputs["plain"][0]) > 1e-3  # the override mattered
+
+
+def _same_route_checks(model, tokens, hook="blocks.1.hook_resid_post"):
+    read = {}
+
+    def keep(x, hook):
+        read["x"] = x.detach().clone()
+
+    with torch.no_grad():
+        plain_logits = model(tokens)
+        cached_logits, cache = model.run_with_cache(tokens)
+        model.run_with_hooks(tokens, fwd_hooks=[(hook, keep)])
+    assert torch.equal(cached_logits, plain_logits)
+    assert torch.equal(cache[hook], read["x"])
+    return cache
+
+
+def test_run_with_cache_takes_the_forward_route(pair):
+    # Caching every hook (attention pattern and ln1 included) must not switch the model to
+    # another route: the logits are bit-identical to a plain forward's, and so is a cached
+    # activation to the one a hook reads; the pattern matches TransformerLens's own.
+    plain, fast = pair
+    tokens = _tokens(pos=12)
+    cache = _same_route_checks(fast, tokens)
+    _, want = plain.run_with_cache(tokens)
+    assert _rel(cache["blocks.0.attn.hook_pattern"], want["blocks.0.attn.hook_pattern"]) < REL
+    with torch.no_grad():  # clean activations patched into a clean run change nothing
+        patched = fast.run_with_hooks(
+            tokens, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: cache[hook.name])]
+        )
+    assert torch.equal(patched, fast(tokens))
+    _same_route_checks(tiny(), torch.tensor([[5, 17, 300, 42, 7, 9]]))
+
+
+@pytest.mark.slow
+def test_run_with_cache_takes_the_forward_route_on_the_embedded_model(embedded_model):
+    tokens = embedded_model.to_tokens(["The capital of France is", "Two plus two equals four."])
+    _same_route_checks(embedded_model, tokens, "blocks.12.hook_resid_post")
