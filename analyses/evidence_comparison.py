@@ -77,7 +77,8 @@ def verdicts(comparison: dict[str, Any]) -> list[dict[str, Any]]:
     test = {r["method"]: r for r in comparison["test"]}
     rows = []
     for r in comparison["ood"]:
-        if not r["method"].startswith("caft-") or r["method"] not in test:
+        # Deployed CAFT models only: "+hook" rows keep the ablation on at evaluation.
+        if not r["method"].startswith("caft-") or "+" in r["method"] or r["method"] not in test:
             continue
         id_diff = test[r["method"]]["diff_mean"]
         low = r["diff_ci"][0]

@@ -72,11 +72,12 @@ def train_config(seed: int, epochs: int):
     )  # fmt: skip
 
 
-def run_one(base, name: str, seed: int, epochs: int) -> dict[str, Any]:
-    """One plain fine-tune, evaluated after every epoch."""
+def run_one(base, name: str, seed: int, epochs: int, splits: dict | None = None) -> dict:
+    """One plain fine-tune, evaluated after every epoch (``splits``: the candidate's
+    train/test/ood Datasets, built from ``name`` when not given)."""
     import caft_tl as ct
 
-    splits = candidate_splits(name)
+    splits = splits or candidate_splits(name)
     cfg = train_config(seed, epochs)
     steps_per_epoch = -(-len(splits["train"]) // cfg.batch_size)
     model = copy.deepcopy(base)  # trained in place, so the callback sees the same object

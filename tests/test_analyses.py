@@ -1,0 +1,99 @@
+"""The evidence scripts in analyses/: the pre-registered rules and their command lines."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ANALYSES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ANALYSES))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ANALYSES))
+    return module
+
+
+def run(candidate: str, seed: int, per_epoch: list[tuple[float, float]], n: int = 190) -> dict:
+    rows = [
+        {
+            "epoch": e,
+            "step": 36 * e,
+            "test": {"accuracy": i, "n": n},
+            "ood": {"accuracy": o, "n": n},
+        }
+        for e, (i, o) in enumerate(per_epoch, start=1)
+    ]
+    return {"candidate": candidate, "seed": seed, "epochs": rows}
+
+
+def test_search_criterion_and_pick_rule():
+    search = load("evidence_search")
+    runs = [
+        run("a", 0, [(0.95, 0.20), (1.0, 0.10)]),
+        run("a", 1, [(0.95, 0.40), (1.0, 0.10)]),
+        run("a", 2, [(0.95, 0.25), (1.0, 0.10)]),  # epoch 1 mean OOD 0.283: qualifies
+        run("b", 0, [(0.85, 0.00)]),  # ID too low
+        run("b", 1, [(0.85, 0.00)]),
+        run("b", 2, [(0.85, 0.00)]),
+        run("c", 0, [(1.0, 0.0)]),  # one seed only: incomplete
+        run("d", 0, [(1.0, 0.0)], n=100),
+        run("d", 1, [(1.0, 0.0)], n=100),
+        run("d", 2, [(1.0, 0.0)], n=100),  # too few examples
+    ]
+    table = {(r["candidate"], r["epochs"]): r for r in search.settings_table(runs)}
+    assert table[("a", 1)]["verdict"] == "qualifies"
+    assert table[("a", 1)]["ood"] == [0.20, 0.40, 0.25]
+    assert table[("a", 2)]["verdict"] == "qualifies"
+    assert table[("b", 1)]["verdict"] == "fails"
+    assert table[("c", 1)]["verdict"] == "incomplete"
+    assert table[("d", 1)]["verdict"] == "fails"
+    pick = search.chosen_setting(list(table.values()))
+    assert (pick["candidate"], pick["epochs"]) == ("a", 1)  # fewest steps first
+    assert search.chosen_setting([table[("b", 1)]]) is None
+    assert search.screened_out([run("e", 0, [(1.0, 0.7), (1.0, 0.65)])], "e")
+    assert not search.screened_out([run("e", 0, [(1.0, 0.7), (1.0, 0.5)])], "e")
+    md = search.markdown(list(table.values()), pick)
+    assert "| a | 1 | 36 |" in md and "**a, 1 epochs**" in md
+
+
+def test_comparison_verdict_needs_the_gain_the_interval_and_the_id():
+    comparison = load("evidence_comparison")
+    evals = {}
+    for seed in range(5):
+        evals[f"plain/s{seed}"] = {"test": {"accuracy": 1.0}, "ood": {"accuracy": 0.05}}
+        evals[f"caft-pca/s{seed}"] = {"test": {"accuracy": 0.98}, "ood": {"accuracy": 0.5}}
+        evals[f"caft-sae/s{seed}"] = {"test": {"accuracy": 0.8}, "ood": {"accuracy": 0.6}}
+        evals[f"random/s{seed}"] = {"test": {"accuracy": 1.0}, "ood": {"accuracy": 0.9}}
+    verdicts = {v["method"]: v for v in comparison.verdicts(comparison.tables(evals))}
+    assert verdicts["caft-pca"]["meets_target"] and verdicts["caft-pca"]["n_seeds"] == 5
+    assert not verdicts["caft-sae"]["meets_target"]  # ID fell by 0.2
+    assert "random" not in verdicts  # controls are not CAFT
+    four = {k: v for k, v in evals.items() if not k.endswith("s4")}
+    assert not comparison.verdicts(comparison.tables(four))[0]["meets_target"]  # 4 seeds
+
+
+@pytest.mark.parametrize("script", ["evidence_search", "evidence_comparison", "reference_data"])
+def test_scripts_answer_help(script):
+    done = subprocess.run(
+        [sys.executable, str(ANALYSES / f"{script}.py"), "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "usage" in done.stdout
+
+
+def test_hook_on_rows_are_not_judged_against_the_target():
+    comparison = load("evidence_comparison")
+    evals = {}
+    for seed in range(5):
+        evals[f"plain/s{seed}"] = {"test": {"accuracy": 1.0}, "ood": {"accuracy": 0.0}}
+        evals[f"caft-pca+hook/s{seed}"] = {"test": {"accuracy": 1.0}, "ood": {"accuracy": 0.9}}
+    assert comparison.verdicts(comparison.tables(evals)) == []
