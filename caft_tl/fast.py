@@ -228,7 +228,11 @@ def _attention_forward(
     # would give the same tensor: not with dynamic NTK (the table changes with the length,
     # and TransformerLens re-rotates every key with the current one), and not when a hook on
     # hook_rot_k could edit the remembered tensor in place (the edit would compound).
-    memo = entry is not None and not self.cfg.use_dynamic_ntk_rope and not _hooked(self.hook_rot_k)
+    memo = (
+        entry is not None
+        and not self.cfg.use_dynamic_ntk_rope
+        and not _hooked(getattr(self, "hook_rot_k", None))
+    )
     if entry is not None:
         offset = entry.past_keys.size(1)
         rotated_past = _rotated_past_keys(entry, attention_mask) if memo else None
