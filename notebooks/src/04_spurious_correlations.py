@@ -79,7 +79,8 @@ ID >= 0.90 and OOD <= 0.30 over three seeds. Its table ships with the package:""
 from caft_tl.viz import search_table
 
 train2 = ct.tasks.gender_two_professions("train")
-print(len(train2), "training rows;", train2[0]["prompt"], train2[0]["answer"], sep="\n")
+print(len(train2), "training rows, e.g.:")
+print(train2[0]["prompt"], train2[0]["answer"], sep="")
 search = search_table()
 print("criterion:", search["criterion"], "| pick:", search["chosen"]["candidate"],
       search["chosen"]["epochs"], "epoch(s)")
