@@ -82,12 +82,19 @@ def test_comparison_verdict_needs_the_gain_the_interval_and_the_id():
     assert not comparison.verdicts(comparison.tables(four))[0]["meets_target"]  # 4 seeds
 
 
-@pytest.mark.parametrize("script", ["evidence_search", "evidence_comparison", "reference_data"])
-def test_scripts_answer_help(script):
+SCRIPTS = sorted(
+    p.relative_to(ANALYSES).as_posix()
+    for p in [*ANALYSES.glob("*.py"), *ANALYSES.glob("benchmarks/*.py")]
+    if not p.name.startswith("_")
+)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_study_and_benchmark_script_answers_help(script):
     done = subprocess.run(
-        [sys.executable, str(ANALYSES / f"{script}.py"), "--help"], capture_output=True, text=True
+        [sys.executable, str(ANALYSES / script), "--help"], capture_output=True, text=True
     )
-    assert done.returncode == 0 and "usage" in done.stdout
+    assert done.returncode == 0 and "usage" in done.stdout, done.stderr[-500:]
 
 
 def test_hook_on_rows_are_not_judged_against_the_target():
