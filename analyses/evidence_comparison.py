@@ -29,14 +29,16 @@ RESULTS = HERE / "results"
 TARGET = {"ood_gain": 0.30, "id_tolerance": 0.05}
 
 
-def study_config(task: str, steps: int, seeds: list[int], sae: bool, variants: list[str]):
+def study_config(
+    task: str, steps: int, seeds: list[int], sae: bool, variants: list[str], test_time: bool = True
+):
     from caft_tl.demo import DemoConfig, _task_spec  # noqa: F401 (validates the name)
 
     n = {"train": 286, "eval": 190} if task.startswith("gender2:") else {"train": 320, "eval": 200}
     return DemoConfig(
         task=task, seeds=seeds, n_train=n["train"], n_eval=n["eval"], max_steps=steps, lr=3e-5,
         warmup_steps=5, schedule="constant", learned_less_step=max(1, steps // 2),
-        test_time=True, variants=variants, sae=sae,
+        test_time=test_time, variants=variants, sae=sae,
     )  # fmt: skip
 
 
@@ -135,6 +137,10 @@ def main() -> None:
     parser.add_argument("--sae", action="store_true", help="also CAFT with SAE latents")
     parser.add_argument("--variants", nargs="*", default=["mean", "steer-3"])
     parser.add_argument("--cached", action="store_true", help="tabulate what is on disk")
+    parser.add_argument(
+        "--no-test-time", action="store_true",
+        help="skip the test-time-only and hook-on evaluations in this run (cached ones stay)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.task is None or args.steps is None:
         candidate, steps = chosen_setting()
@@ -146,7 +152,9 @@ def main() -> None:
         from caft_tl.demo import run_demo
 
         torch.set_num_threads(min(2, torch.get_num_threads()))
-        cfg = study_config(args.task, args.steps, args.seeds, args.sae, args.variants)
+        cfg = study_config(
+            args.task, args.steps, args.seeds, args.sae, args.variants, not args.no_test_time
+        )
         run_demo(folder, cfg)
     evals = read_evals(folder)
     comparison = tables(evals)
