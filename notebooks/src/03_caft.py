@@ -416,4 +416,20 @@ print(sorted(p.name for p in (work / "concepts").iterdir()), "+ train.jsonl")
 shutil.rmtree(work)
 print(f"notebook ran in {time.perf_counter() - notebook_start:.0f} s")""",
     ),
+    (
+        "md",
+        """
+## 7. Does CAFT help? What was measured on the embedded model
+
+The machinery above is the same that `caft-tl demo` and `analyses/evidence_comparison.py`
+run on a task where the plain fine-tune of the embedded model *does* learn a shortcut: the
+two-profession gender task (`ct.tasks.gender_two_professions`; in training every doctor is
+"he" and every nurse "she"). A pre-registered search found that after one epoch (36 steps)
+the plain model is right on every in-distribution sentence and wrong on 91-99% of the
+anti-stereotypical ones (OOD 0.03 / 0.09 / 0.01 over three seeds). The five-seed comparison
+of CAFT and its controls on that setting, with bootstrap intervals and paired differences,
+is in the README ("The evidence") and `analyses/results/evidence_comparison.md`; read it
+before drawing a conclusion from this notebook's three-step runs, which only show the
+mechanics.""",
+    ),
 ]
