@@ -204,3 +204,16 @@ def test_task_names_are_checked():
         with pytest.raises(ValueError, match="task must be"):
             DemoConfig(task=task)
     assert DemoConfig(task="double_mc:pronouns|verbs:second").task.endswith("second")
+
+
+def test_sae_latents_run_through_the_same_study(model, tmp_path):
+    cfg = small(
+        seeds=[0], learned_less_step=None, sae=True, sae_hook=HOOKS[1], sae_width=64, sae_k=4,
+        sae_top=8, sae_tokens=4000, test_time=True,
+    )  # fmt: skip
+    results = run_demo(tmp_path, cfg, model=model, echo=False)
+    methods = {s["method"] for s in results["summary"]}
+    assert {"caft-sae", "caft-sae+hook", "plain+ablate-sae"} <= methods
+    assert results["directions"]["sae"]["n_selected"] >= 1
+    chosen = ct.ConceptSet.load(tmp_path / "concepts" / "sae")
+    assert chosen.hooks == [HOOKS[1]]
