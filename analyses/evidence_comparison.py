@@ -3,7 +3,7 @@
 
     python analyses/evidence_comparison.py [--seeds 0 1 2 3 4] [--sae] [--cached]
 
-Reads the pre-registered pick from ``caft_tl/evidence_search.json`` (or ``--task`` and
+Reads the pre-registered pick from the search's table (``caft_tl.viz.search_table()``) (or ``--task`` and
 ``--steps``) and runs the demo's study on it with the search's training settings (lr 3e-5,
 constant after 5 warm-up steps, batch 8): plain; CAFT with the PCA directions the hinted
 interpretation selects (never OOD accuracy), and with SAE latents (``--sae``); random
@@ -43,8 +43,10 @@ def study_config(
 
 
 def chosen_setting() -> tuple[str, int]:
-    search = json.loads((HERE.parent / "caft_tl" / "evidence_search.json").read_text())
-    if search["chosen"] is None:
+    from caft_tl.viz import search_table
+
+    search = search_table()  # the search's table, as the package ships it
+    if search is None or search["chosen"] is None:
         raise SystemExit("the evidence search chose no setting: nothing qualifies")
     return search["chosen"]["candidate"], search["chosen"]["steps"]
 
