@@ -3,13 +3,13 @@
 
     python analyses/evidence_comparison.py [--seeds 0 1 2 3 4] [--sae] [--cached]
 
-Reads the pre-registered pick from the search's table (``caft_tl.viz.search_table()``) (or ``--task`` and
-``--steps``) and runs the demo's study on it with the search's training settings (lr 3e-5,
-constant after 5 warm-up steps, batch 8): plain; CAFT with the PCA directions the hinted
-interpretation selects (never OOD accuracy), and with SAE latents (``--sae``); random
-directions; top PCs; the plain run stopped half-way; the plain model with the CAFT ablation
-at test time only; CAFT evaluated with its ablation removed and kept on; mean-ablation and
-steering by -3 x the mean projection (``--variants``). Artefacts go to
+Reads the pre-registered pick from the search's table (``caft_tl.viz.search_table()``; or
+``--task`` and ``--steps``) and runs the demo's study on it with the search's training
+settings (lr 3e-5, constant after 5 warm-up steps, batch 8): plain; CAFT with the PCA
+directions the hinted interpretation selects (never OOD accuracy), and with SAE latents
+(``--sae``); random directions; top PCs; the plain run stopped half-way; the plain model
+with the CAFT ablation at test time only; CAFT evaluated with its ablation removed and kept
+on; mean-ablation and steering by -3 x the mean projection (``--variants``). Artefacts go to
 ``results/studies/evidence/`` (not committed; every run and evaluation is cached there, so
 the script resumes), numbers to ``results/evidence_comparison.{json,md}``: per-seed
 accuracies, means, 95% bootstrap intervals over seeds and paired differences against plain.
