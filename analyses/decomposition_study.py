@@ -23,7 +23,7 @@ from _study import RESULTS, markdown, save
 
 import caft_tl as ct
 from caft_tl._io import read_json
-from caft_tl.demo import DemoConfig, _data, _train_config
+from caft_tl.demo import DemoConfig, task_data, train_config
 from caft_tl.diagnostics import (
     condition_names,
     decomposition_figure,
@@ -76,10 +76,10 @@ def main() -> None:
     if args.cached:
         results = _cached(out, names, seeds)
     else:
-        data = _data(cfg)
+        data = task_data(cfg)
         results = training_decomposition(
             ct.load_model(device="cpu"), data["train"], concepts,
-            {"test": data["test"], "ood": data["ood"]}, _train_config(cfg, seeds[0]), out,
+            {"test": data["test"], "ood": data["ood"]}, train_config(cfg, seeds[0]), out,
             seeds=seeds, conditions=names,
         )  # fmt: skip
     table = decomposition_table(results)

@@ -32,7 +32,7 @@ TARGET = {"ood_gain": 0.30, "id_tolerance": 0.05}
 def study_config(
     task: str, steps: int, seeds: list[int], sae: bool, variants: list[str], test_time: bool = True
 ):
-    from caft_tl.demo import DemoConfig, _task_spec  # noqa: F401 (validates the name)
+    from caft_tl.demo import DemoConfig, parse_task  # noqa: F401 (validates the name)
 
     n = {"train": 286, "eval": 190} if task.startswith("gender2:") else {"train": 320, "eval": 200}
     return DemoConfig(

@@ -28,6 +28,7 @@ from transformer_lens import HookedTransformer
 
 from caft_tl import distributed as dist
 from caft_tl.data import DataError, as_dataset, batches, pad_id, tokenize
+from caft_tl.errors import InputKeyError
 
 Positions = Literal["all", "assistant", "last"]
 FORMAT = "caft_tl.activations"
@@ -96,6 +97,11 @@ class Activations:
         return bool(self._chunks) and isinstance(self._chunks[0], Path)
 
     @property
+    def n_chunks(self) -> int:
+        """How many chunks (shards on disk, batches in memory) the activations are held in."""
+        return len(self._chunks)
+
+    @property
     def rows(self) -> Rows:
         if self._rows is None:  # small (3 longs per token) and asked for repeatedly
             parts = {k: list(self.iter_chunks(f"_{k}")) for k in ROW_KEYS}
@@ -124,12 +130,12 @@ class Activations:
 
     def _check_hook(self, hook: str) -> None:
         if hook not in self.hooks:
-            raise KeyError(f"{hook!r} was not cached; cached hooks: {self.hooks}")
+            raise InputKeyError(f"{hook!r} was not cached; cached hooks: {self.hooks}")
 
     # -- persistence ----------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write to a folder (shards + metadata); in-memory activations become one shard."""
-        sink = _ShardSink(Path(path), self.hooks, shard_tokens=None)
+        sink = ShardSink(Path(path), self.hooks, shard_tokens=None)
         for chunk in self._chunks:
             if isinstance(chunk, Path):
                 with safe_open(str(chunk), framework="pt") as f:
@@ -158,7 +164,7 @@ class Activations:
         return cls(shards, meta["hooks"], token_ids, meta)
 
 
-class _ShardSink:
+class ShardSink:
     """Collects batches of rows; in memory (``path=None``) or as shards of bounded size."""
 
     def __init__(
@@ -257,15 +263,15 @@ def _check_new_folder(path: Path) -> None:
 
 def _open_sink(
     path: Path | None, hooks: Sequence[str], shard_tokens: int | None, shard_bytes: int | None
-) -> _ShardSink:
+) -> ShardSink:
     if path is None or not dist.is_distributed():
-        return _ShardSink(path, hooks, shard_tokens, shard_bytes)
+        return ShardSink(path, hooks, shard_tokens, shard_bytes)
     dist.check_on_main(lambda: _check_new_folder(path))
-    return _ShardSink(path / _PARTS / f"rank-{dist.rank():05d}", hooks, shard_tokens, shard_bytes)
+    return ShardSink(path / _PARTS / f"rank-{dist.rank():05d}", hooks, shard_tokens, shard_bytes)
 
 
 def _close_sink(
-    sink: _ShardSink, path: Path | None, token_ids: list[list[int]], meta: dict[str, Any]
+    sink: ShardSink, path: Path | None, token_ids: list[list[int]], meta: dict[str, Any]
 ) -> Activations:
     if not dist.is_distributed():
         return sink.close(token_ids, meta)
@@ -347,7 +353,9 @@ def stop_layer(hooks: Sequence[str]) -> int | None:
     return max(layers) + 1
 
 
-def _tokenized(data: Any, model: HookedTransformer, max_length: int | None, positions: str):
+def tokenized_input(data: Any, model: HookedTransformer, max_length: int | None, positions: str):
+    """``data`` tokenised for a forward pass: a pre-tokenised Dataset is checked and
+    returned as is, anything else goes through :func:`caft_tl.data.tokenize`."""
     if isinstance(data, Dataset) and "input_ids" in data.column_names:
         if len(data) == 0:
             raise DataError("no examples (empty dataset)")
@@ -438,7 +446,7 @@ def _prepare(model, data, hooks, positions, max_length):
     hooks = check_hooks(model, hooks)
     if positions not in ("all", "assistant", "last"):
         raise ValueError(f"positions must be 'all', 'assistant' or 'last', got {positions!r}")
-    ds = _tokenized(data, model, max_length, positions)
+    ds = tokenized_input(data, model, max_length, positions)
     _check_vocab(model, ds)
     return hooks, ds
 

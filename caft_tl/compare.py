@@ -100,13 +100,15 @@ def finetune_with_baselines(
                 model, data, batch_size=cfg.batch_size, max_length=cfg.max_length
             )
             intervention.fit_mean(model, batches_)
-        results[name] = _run(model, data, run_cfg, intervention, eval_data, out / name)
+        results[name] = run_condition(model, data, run_cfg, intervention, eval_data, out / name)
     for step in learned_less_steps:
         results[f"plain@step{step}"] = load_model(out / "plain" / f"step-{step}")
     return results
 
 
-def _run(model, data, cfg, intervention, eval_data, folder: Path) -> HookedTransformer:
+def run_condition(model, data, cfg, intervention, eval_data, folder: Path) -> HookedTransformer:
+    """Fine-tune one condition into ``folder``, or load its final model if a finished run is
+    already there (so a study resumes condition by condition)."""
     final = folder / "final"
     if (final / CHECKPOINT_MARKER).exists():
         return load_model(final, device=str(model.cfg.device))

@@ -44,8 +44,9 @@ from typing import Any
 import pandas as pd
 
 from caft_tl._io import dataclass_from_dict, now_iso, read_json, tidy_run, write_text_atomic
+from caft_tl.viz import demo_report, summary_table
 
-__all__ = ["DemoConfig", "demo_concepts", "run_demo"]
+__all__ = ["DemoConfig", "demo_concepts", "run_demo", "summary_table"]
 
 RESULTS_FORMAT = "caft_tl.demo_results"
 
@@ -161,7 +162,7 @@ class DemoConfig:
             raise ValueError("n_train must be at least batch_size")
         if self.learned_less_step is not None and not 0 < self.learned_less_step < self.max_steps:
             raise ValueError("learned_less_step must be between 0 and max_steps")
-        _task_spec(self.task)
+        parse_task(self.task)
         if not 0.5 <= self.min_auroc <= 1.0:
             raise ValueError(f"min_auroc must be in [0.5, 1], got {self.min_auroc}")
 
@@ -204,7 +205,9 @@ def _cached_json(path: Path, compute: Callable[[], Any]) -> Any:
     return value
 
 
-def _train_config(cfg: DemoConfig, seed: int, keep: Sequence[int] = ()) -> Any:
+def train_config(cfg: DemoConfig, seed: int, keep: Sequence[int] = ()) -> Any:
+    """The :class:`TrainConfig` of one demo fine-tune (``keep``: steps to save as
+    ``step-N``, for the learned-less control)."""
     from caft_tl.train import TrainConfig
 
     return TrainConfig(
@@ -245,7 +248,7 @@ def _check_config(out: Path, cfg: DemoConfig) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _task(cfg: DemoConfig) -> tuple[Callable[..., Any], dict[str, list[str]]]:
+def task_functions(cfg: DemoConfig) -> tuple[Callable[..., Any], dict[str, list[str]]]:
     """The task's split generator and its hint contrast sets (two named sides)."""
     from caft_tl.tasks import (
         contrast_set,
@@ -255,7 +258,7 @@ def _task(cfg: DemoConfig) -> tuple[Callable[..., Any], dict[str, list[str]]]:
         gender_two_professions,
     )
 
-    kind, args = _task_spec(cfg.task)
+    kind, args = parse_task(cfg.task)
     if kind == "double_mc":
         intended, distractor, position = args
         fmt = cfg.answer_format or "word"
@@ -282,7 +285,7 @@ def _task(cfg: DemoConfig) -> tuple[Callable[..., Any], dict[str, list[str]]]:
 TASK_FORMS = "'gender_pronoun', 'gender2:MALE|FEMALE' or 'double_mc:INTENDED|DISTRACTOR[:second]'"
 
 
-def _task_spec(task: str) -> tuple[str, tuple[str, ...]]:
+def parse_task(task: str) -> tuple[str, tuple[str, ...]]:
     """``(kind, arguments)`` of a task name; ValueError naming the accepted forms."""
     from caft_tl.tasks import SUBTASKS
 
@@ -304,12 +307,13 @@ def _task_spec(task: str) -> tuple[str, tuple[str, ...]]:
 
 def _distractor(task: str) -> str | None:
     """The distractor sub-task of a double multiple-choice task (None for the others)."""
-    kind, args = _task_spec(task)
+    kind, args = parse_task(task)
     return args[1] if kind == "double_mc" else None
 
 
-def _data(cfg: DemoConfig) -> dict[str, Any]:
-    gen, _ = _task(cfg)
+def task_data(cfg: DemoConfig) -> dict[str, Any]:
+    """The demo task's ``train`` / ``test`` / ``ood`` Datasets at ``cfg``'s sizes."""
+    gen, _ = task_functions(cfg)
     return {
         "train": gen("train", cfg.n_train),
         "test": gen("test", cfg.n_eval),
@@ -342,9 +346,11 @@ def _evaluated(out: Path, names: Sequence[str]) -> bool:
 
 
 def _finetune(base, data, cfg: DemoConfig, seed: int, folder: Path, intervention=None, keep=()):
-    from caft_tl.compare import _run
+    from caft_tl.compare import run_condition
 
-    return _run(base, data["train"], _train_config(cfg, seed, keep), intervention, None, folder)
+    return run_condition(
+        base, data["train"], train_config(cfg, seed, keep), intervention, None, folder
+    )
 
 
 def _direction_texts(model: Any, cfg: DemoConfig, data: dict[str, Any]) -> list[str]:
@@ -400,7 +406,7 @@ def _hint_scores(model, directions, cfg: DemoConfig, path: Path) -> pd.DataFrame
 
     if path.exists():
         return pd.read_csv(path)
-    (_, positive), (_, negative) = _task(cfg)[1].items()
+    (_, positive), (_, negative) = task_functions(cfg)[1].items()
     paired = cfg.hint_paired and _distractor(cfg.task) != "continents"  # not minimal pairs
     scores = hinted_scores(model, directions, positive, negative, paired=paired)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -488,7 +494,7 @@ def demo_concepts(
         return ConceptSet.load(out / "concepts" / "pca")
     log = _Log(echo)
     base = model if model is not None else log.timed("load", lambda: load_model(device="cpu"))
-    data = _data(cfg)
+    data = task_data(cfg)
     seed, keep = cfg.seeds[0], [cfg.learned_less_step] if cfg.learned_less_step else []
     folder = out / "runs" / f"s{seed}" / "plain"
     log(f"plain fine-tune, seed {seed} ({cfg.max_steps} steps)")
@@ -499,7 +505,7 @@ def demo_concepts(
     log("directions: activation differences (plain seed 0 - base), PCA")
     texts = _direction_texts(base, cfg, data)
     pcs = _pca_directions(base, plain, texts, cfg, out / "directions" / "pca")
-    log(f"selection: hinted interpretation with contrast sets {list(_task(cfg)[1])}")
+    log(f"selection: hinted interpretation with contrast sets {list(task_functions(cfg)[1])}")
     chosen, _, fallback = _select(plain, pcs, cfg, out / "concepts" / "pca")
     note = " (fallback: none beat the random directions)" if fallback else ""
     log(f"  pca: {chosen.n_directions} directions selected{note}")
@@ -522,7 +528,7 @@ def run_demo(
     _check_config(out, cfg)
     log = _Log(echo)
     base = model if model is not None else log.timed("load", lambda: load_model(device="cpu"))
-    study = _Study(out, cfg, base, _data(cfg), log)
+    study = _Study(out, cfg, base, task_data(cfg), log)
     log(f"base model: ID and OOD accuracy on {cfg.n_eval} examples each")
     study.evaluate("base", base)
 
@@ -538,7 +544,7 @@ def run_demo(
         candidates["sae"] = log.timed(
             "directions", _sae_directions, base, plain0, texts, cfg, folder
         )
-    log(f"selection: hinted interpretation with contrast sets {list(_task(cfg)[1])}")
+    log(f"selection: hinted interpretation with contrast sets {list(task_functions(cfg)[1])}")
     selected, scores = {}, {}
     for name, directions in candidates.items():
         chosen, table, fallback = log.timed(
@@ -568,7 +574,6 @@ def run_demo(
     results = _results(cfg, study.evals, selected, scores, pcs, log.times)
     _write_results(out, results)
     log("report: report.html")
-    from caft_tl.viz import demo_report
 
     log.timed(
         "report", demo_report, results, out / "report.html", model=plain0, concepts=selected,
@@ -700,7 +705,7 @@ def _results(cfg, evals, selected, scores, pcs, times) -> dict[str, Any]:
         "format": RESULTS_FORMAT,
         "created": now_iso(),
         "task": cfg.task,
-        "hints": list(_task(cfg)[1]),
+        "hints": list(task_functions(cfg)[1]),
         "config": cfg.to_dict(),
         "evals": evals,
         "summary": _summary(evals),
@@ -721,16 +726,3 @@ def _json_default(x: Any) -> Any:
     if hasattr(x, "item"):
         return x.item()
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def summary_table(results: dict[str, Any]) -> pd.DataFrame:
-    """The reference's table: accuracy per method (rows) and split (columns), mean and
-    range over seeds, as strings like ``0.62 [0.55, 0.70]``."""
-    df = pd.DataFrame(results["summary"])
-    df["cell"] = [
-        f"{m:.2f} [{lo:.2f}, {hi:.2f}]" if n > 1 else f"{m:.2f}"
-        for m, lo, hi, n in zip(df["mean"], df["min"], df["max"], df["n_seeds"], strict=True)
-    ]
-    table = df.pivot(index="method", columns="split", values="cell")
-    order = list(dict.fromkeys(df["method"]))
-    return table.loc[order, [c for c in ("test", "ood") if c in table.columns]]

@@ -263,7 +263,7 @@ def _attention_forward(
 # tokens go through (decoding: 3-4x per projection here). With many rows one big GEMM on the
 # copy wins, so training keeps TransformerLens's projection. Measured on 2 CPU threads,
 # SmolLM2-135M shapes: break-even between 128 and 256 rows.
-_PER_HEAD_MAX_ROWS = 128
+PER_HEAD_MAX_ROWS = 128
 
 
 def _per_head(
@@ -327,7 +327,7 @@ def _qkv(
     # Grouped: the un-repeated key/value heads, as TransformerLens's GQA uses them.
     names = ("W_Q", "_W_K", "_W_V") if grouped else ("W_Q", "W_K", "W_V")
     rows = max(t.shape[0] * t.shape[1] for t in (query_input, key_input, value_input))
-    per_head = rows <= _PER_HEAD_MAX_ROWS
+    per_head = rows <= PER_HEAD_MAX_ROWS
     if not per_head and all(factored(self, n)[1] is None for n in names):
         return self.calculate_qkv_matrices(query_input, key_input, value_input)
     biases = (self.b_Q, self._b_K, self._b_V) if grouped else (self.b_Q, self.b_K, self.b_V)

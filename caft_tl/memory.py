@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 import torch
 
-from caft_tl.fast import _PER_HEAD_MAX_ROWS
+from caft_tl.fast import PER_HEAD_MAX_ROWS
 
 __all__ = ["MemoryEstimate", "count_parameters", "estimate_finetune_memory"]
 
@@ -168,6 +168,36 @@ def _lora_sizes(s: dict[str, int], lora: Any) -> tuple[int, int]:
     return layers * adapters, layers * targeted
 
 
+def _checked_args(
+    batch_size: int, seq_len: int, world_size: Any, lora_form: str, dtype: torch.dtype | str
+) -> torch.dtype:
+    """Refuse impossible arguments of :func:`estimate_finetune_memory`; the dtype resolved."""
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError("batch_size and seq_len must be >= 1")
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if lora_form not in ("factored", "merged"):
+        raise ValueError(f"lora_form must be 'factored' or 'merged', got {lora_form!r}")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return dtype
+
+
+def _fsdp_counts(
+    s: dict[str, Any], n_params: int, n_trainable: int, lora: Any, shards: int
+) -> tuple[int, int, int]:
+    """Elements of weights, gradients and optimiser state per rank under FSDP: each rank's
+    shard plus the largest unit gathered at once (two blocks, or the embeddings)."""
+    block = (n_params - _outside_blocks(s)) // s["n_layers"]
+    unit = max(2 * block, s["d_vocab"] * s["d_model"] * (1 if s["tied"] else 2))
+    trainable_block = n_trainable // s["n_layers"] if lora is not None else block
+    weights = -(-n_params // shards) + unit
+    gradients = -(-n_trainable // shards) + trainable_block
+    optimizer = -(-2 * n_trainable // shards)
+    return weights, gradients, optimizer
+
+
 def estimate_finetune_memory(
     cfg: Any,
     *,
@@ -200,15 +230,7 @@ def estimate_finetune_memory(
             module docstring).
         fsdp, world_size: ``TrainConfig.fsdp`` and the number of ranks it shards over.
     """
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError("batch_size and seq_len must be >= 1")
-    if not (isinstance(world_size, int) and world_size >= 1):
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    if lora_form not in ("factored", "merged"):
-        raise ValueError(f"lora_form must be 'factored' or 'merged', got {lora_form!r}")
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
+    dtype = _checked_args(batch_size, seq_len, world_size, lora_form, dtype)
     width = torch.empty((), dtype=dtype).element_size()
     s = _shape(cfg)
     n_params = count_parameters(cfg)
@@ -237,20 +259,14 @@ def estimate_finetune_memory(
         activations = tokens * s["n_layers"] * per_token_layer * act_width
     mats = _matrices(s)
     per_block_copies = 0
-    if tokens > _PER_HEAD_MAX_ROWS:  # TransformerLens's rearranged q/k/v weights
+    if tokens > PER_HEAD_MAX_ROWS:  # TransformerLens's rearranged q/k/v weights
         per_block_copies += sum(i * o for n, (i, o) in mats.items() if n in QKV) * act_width
     if autocast and width != 2:  # bf16 casts of the block's other matrices
         per_block_copies += sum(i * o for n, (i, o) in mats.items() if n not in QKV) * 2
     copies_alive = 1 if gradient_checkpointing else s["n_layers"]
     weights, gradients, optimizer = n_params, n_trainable, 2 * n_trainable
     if fsdp:
-        shards = world_size
-        block = (n_params - _outside_blocks(s)) // s["n_layers"]
-        unit = max(2 * block, s["d_vocab"] * s["d_model"] * (1 if s["tied"] else 2))
-        trainable_block = n_trainable // s["n_layers"] if lora is not None else block
-        weights = -(-n_params // shards) + unit
-        gradients = -(-n_trainable // shards) + trainable_block
-        optimizer = -(-2 * n_trainable // shards)
+        weights, gradients, optimizer = _fsdp_counts(s, n_params, n_trainable, lora, world_size)
     return MemoryEstimate(
         weights=weights * width,
         gradients=gradients * width,

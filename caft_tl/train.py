@@ -340,7 +340,8 @@ def target_loss_sum(
     return F.cross_entropy(logits[0].float(), labels, reduction="sum"), int(targets.sum())
 
 
-def _autocast(device: torch.device):
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; no autocast on other devices."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
@@ -401,7 +402,7 @@ def _eval_rows(
         for batch in _micro_batches(
             ids, masks, list(range(len(ids))), batch_size, pad_id(model.tokenizer), device
         ):
-            with _autocast(device):
+            with autocast_for(device):
                 loss, n = target_loss_sum(model, batch)
             total, count = total + loss.item(), count + n
     finally:
@@ -419,11 +420,11 @@ def evaluate_loss(
 ) -> float:
     """Mean cross-entropy over the target tokens of ``data`` (same rules as training)."""
     ids, masks = _trainable_rows(prepare_data(data, model.tokenizer, max_length=max_length))
-    with _applied(intervention, model):
+    with applied(intervention, model):
         return _eval_rows(model, ids, masks, batch_size)
 
 
-def _applied(intervention: Any, model: HookedTransformer):
+def applied(intervention: Any, model: HookedTransformer):
     """The intervention's hooks for a ``with`` block (removed however it exits), or nothing."""
     return nullcontext() if intervention is None else intervention.applied(model)
 
@@ -433,7 +434,8 @@ def _applied(intervention: Any, model: HookedTransformer):
 # --------------------------------------------------------------------------------------------
 
 
-def _optimizer(model: HookedTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: HookedTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with no weight decay on biases and norms."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no parameter with requires_grad=True")
@@ -554,7 +556,7 @@ def _plain(model: HookedTransformer) -> HookedTransformer:
     return merged_view(model) if has_lora(model) else model
 
 
-def _save_checkpoint(
+def save_checkpoint(
     folder: Path, model, optimizer_state: dict, scheduler, state: dict, identity: dict
 ) -> None:
     """``model``: the plain (unsharded) training model, LoRA adapters attached."""
@@ -571,7 +573,7 @@ def _save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps({**identity, **state}, indent=2))
 
 
-def _load_checkpoint_weights(folder: Path, model) -> dict:
+def load_checkpoint_weights(folder: Path, model) -> dict:
     """Weights (or LoRA adapters) of a checkpoint into the unsharded ``model``; its state."""
     what = f"cannot resume from {folder}"
     state = read_json(folder / STATE_FILE, what)
@@ -582,7 +584,7 @@ def _load_checkpoint_weights(folder: Path, model) -> dict:
     return state
 
 
-def _load_checkpoint_training(folder: Path, optimizer, scheduler, sharded: bool) -> None:
+def load_checkpoint_training(folder: Path, optimizer, scheduler, sharded: bool) -> None:
     """The optimiser, schedule and RNG of a checkpoint (after the weights are in place)."""
     device = optimizer.param_groups[0]["params"][0].device
     saved = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
@@ -628,7 +630,7 @@ def _warn_unreachable(cfg: TrainConfig, total: int) -> None:
         warnings.warn(
             f"keep_checkpoints {late} are beyond the run's last step ({total}); not saved",
             UserWarning,
-            stacklevel=3,
+            stacklevel=5,  # the caller of finetune (via _finetune and _plan)
         )
 
 
@@ -707,6 +709,34 @@ def _finetune(
 ) -> HookedTransformer:
     if resume and out is None:
         raise ValueError("resume=True needs out= (the folder holding the checkpoint)")
+    model, base_fp = _training_model(model, cfg, out)
+    plan = _plan(model, data, eval_data, cfg)
+    folder = _RunFolder(out, cfg, plan.total)
+    progress = folder.open(model, plan, intervention, base_fp, resume)
+    trainer = _Trainer(model, cfg, plan, intervention, folder, progress)
+    try:
+        while trainer.step < plan.total:
+            record = trainer.train_step()
+            folder.after_step(trainer, record)
+            if callback is not None:
+                callback(record)
+    finally:
+        trainer.close()
+    model = trainer.trained_model()
+    folder.finish(model, cfg)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# The pieces of a run: the model to train, the plan, the folder, one step
+# --------------------------------------------------------------------------------------------
+
+
+def _training_model(
+    model: HookedTransformer, cfg: TrainConfig, out: Any
+) -> tuple[HookedTransformer, str | None]:
+    """The model the run trains (a copy unless ``in_place``, on its device, LoRA attached)
+    and, for a LoRA run that saves, its base weights' fingerprint."""
     _check_lora_request(model, cfg, out)
     hooked = [
         name for name, hp in model.hook_dict.items() if hp._forward_hooks or hp._backward_hooks
@@ -730,8 +760,31 @@ def _finetune(
     if cfg.lora is not None:
         # Seeded from the run's seed, so a LoRA run is as repeatable as a full one.
         apply_lora(model, cfg.lora, generator=torch.Generator().manual_seed(cfg.seed))
+    return model, base_fp
 
-    # ---- data, steps, optimiser --------------------------------------------------------------
+
+@dataclass
+class _Plan:
+    """What the run trains on and for how long, fixed before the first step."""
+
+    ids: list[list[int]]
+    masks: list[list[int]]
+    eval_rows: tuple[list[list[int]], list[list[int]]] | None
+    per_step: int  # examples per optimiser update (batch_size * grad_accum)
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    eval_batch: int
+    pad: int
+
+    def examples(self, step: int, seed: int) -> tuple[int, int, list[int]]:
+        """``(epoch, position in the epoch, example indices)`` of the update after ``step``."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = _epoch_order(len(self.ids), seed, epoch)
+        return epoch, position, order[position * self.per_step : (position + 1) * self.per_step]
+
+
+def _plan(model: HookedTransformer, data: Any, eval_data: Any, cfg: TrainConfig) -> _Plan:
     ids, masks = _trainable_rows(prepare_data(data, model.tokenizer, max_length=cfg.max_length))
     eval_rows = None
     if eval_data is not None:
@@ -741,165 +794,220 @@ def _finetune(
     per_step = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = math.ceil(len(ids) / per_step)
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
     _warn_unreachable(cfg, total)
-    eval_batch = cfg.eval_batch_size or cfg.batch_size
-    pad = pad_id(model.tokenizer)
+    return _Plan(
+        ids, masks, eval_rows, per_step, steps_per_epoch, total,
+        warmup=cfg.warmup_steps or int(cfg.warmup_ratio * total),
+        eval_batch=cfg.eval_batch_size or cfg.batch_size, pad=pad_id(model.tokenizer),
+    )  # fmt: skip
 
-    # ---- output folder and resuming ------------------------------------------------------
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
-    resume_from = None
-    out_dir = Path(out) if out is not None else None
-    if out_dir is not None:
-        identity = _run_identity(
-            cfg,
-            _fingerprint(ids, masks),
-            None if eval_rows is None else _fingerprint(*eval_rows),
-            intervention,
-            base_fp,
-        )
+
+@dataclass
+class _Progress:
+    """Where a run stands: steps and target tokens done, seconds spent in earlier sessions,
+    and the checkpoint to restore the optimiser from (when resuming)."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed_before: float = 0.0
+    resume_from: Path | None = None
+
+
+class _RunFolder:
+    """``out/``: the run's identity, metrics, checkpoints, snapshots and final model. Every
+    rank knows *whether* the run saves (``requested``); only rank 0 writes (``path``)."""
+
+    def __init__(self, out: str | os.PathLike | None, cfg: TrainConfig, total: int):
+        self.requested = out is not None
+        self.path = Path(out) if out is not None else None
+        self.cfg, self.total = cfg, total
+        self.identity: dict[str, Any] | None = None
+
+    def open(self, model, plan: _Plan, intervention, base_fp, resume: bool) -> _Progress:
+        """Check the folder (a resumed run must be the same run), load a checkpoint's
+        weights, record the run and drop metric lines past the checkpoint."""
+        progress = _Progress()
+        if self.path is None:
+            return progress
+        eval_fp = None if plan.eval_rows is None else _fingerprint(*plan.eval_rows)
+        fingerprint = _fingerprint(plan.ids, plan.masks)
+        self.identity = _run_identity(self.cfg, fingerprint, eval_fp, intervention, base_fp)
         # Rank 0 looks (the others must not: it writes the run file right after).
-        dist.check_on_main(lambda: _check_out(out_dir, identity, resume))
-        if resume and (out_dir / "checkpoint" / STATE_FILE).exists():
+        dist.check_on_main(lambda: _check_out(self.path, self.identity, resume))
+        if resume and (self.path / "checkpoint" / STATE_FILE).exists():
             # Weights go in before sharding; the optimiser state once the optimiser exists.
-            resume_from = out_dir / "checkpoint"
-            state = _load_checkpoint_weights(resume_from, model)
-            step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+            progress.resume_from = self.path / "checkpoint"
+            state = load_checkpoint_weights(progress.resume_from, model)
+            progress.step, progress.tokens = state["step"], state["tokens"]
+            progress.elapsed_before = state["elapsed"]
         if dist.is_main():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / RUN_FILE).write_text(json.dumps(identity, indent=2))
-            _keep_metrics_through(out_dir / METRICS_FILE, step)
-        out_dir = out_dir if dist.is_main() else None  # the other ranks write nothing
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / RUN_FILE).write_text(json.dumps(self.identity, indent=2))
+            _keep_metrics_through(self.path / METRICS_FILE, progress.step)
+        else:
+            self.path = None  # the other ranks write nothing
+        return progress
 
-    # ---- sharding, optimiser ---------------------------------------------------------------
-    sharded_model = None
-    if sharded:
-        from caft_tl.fsdp import ShardedModel
+    def after_step(self, trainer: _Trainer, record: dict[str, Any]) -> None:
+        """Log the step; checkpoint / snapshot it when the config says so."""
+        step, cfg = record["step"], self.cfg
+        saves = self.requested and _saves_at(cfg, step, self.total)
+        plain, optimizer_state = trainer.saved_state(saves, _checkpoints_at(cfg, step, self.total))
+        if self.path is not None:
+            with open(self.path / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if _checkpoints_at(cfg, step, self.total):
+                state = {
+                    "step": step, "epoch": trainer.epoch, "position": trainer.position + 1,
+                    "tokens": record["tokens"], "elapsed": record["elapsed"],
+                }  # fmt: skip
+                save_checkpoint(
+                    self.path / "checkpoint", plain, optimizer_state, trainer.scheduler, state,
+                    self.identity,
+                )  # fmt: skip
+            if step in (cfg.keep_checkpoints or ()):
+                _keep_snapshot(self.path, plain, step)
+        trainer.release(plain)
+        if saves:
+            # A rank that stops after this step (killed, or a callback raising) must not
+            # take the group down before rank 0's checkpoint is on disk.
+            dist.barrier()
 
-        sharded_model = ShardedModel(model, dist.device())
-    device = next(model.parameters()).device
-    optimizer = _optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, cfg.schedule)
-    )
-    if resume_from is not None:
-        _load_checkpoint_training(resume_from, optimizer, scheduler, sharded)
+    def finish(self, model: HookedTransformer, cfg: TrainConfig) -> None:
+        if self.path is not None:
+            save_model(model, self.path / "final", metadata={"train_config": cfg.to_dict()})
+        dist.barrier()  # every rank returns once the final model is written
 
-    def evaluate() -> float:
-        with _applied(intervention if cfg.keep_intervention_at_eval else None, model):
-            return _eval_rows(model, *eval_rows, eval_batch)
 
-    # ---- the loop --------------------------------------------------------------------------
-    started = time.perf_counter()
-    bar = tqdm(
-        total=total, initial=step, disable=not (cfg.progress and dist.is_main()), desc="finetune"
-    )
-    was_training = model.training
-    model.train()
-    ddp = None if sharded else _data_parallel(model)
-    try:
-        while step < total:
-            epoch, position = divmod(step, steps_per_epoch)
-            order = _epoch_order(len(ids), cfg.seed, epoch)
-            index = order[position * per_step : (position + 1) * per_step]
-            # Every rank knows the whole step, so the loss is normalised by all its targets.
-            n_targets = sum(sum(masks[i][1:]) for i in index)
-            mine, weight = _rank_share(index)
-            micro = _micro_batches(ids, masks, mine, cfg.batch_size, pad, device)
-            lr = scheduler.get_last_lr()[0]
+class _Trainer:
+    """The model, optimiser and schedule of a run, and one update at a time."""
 
-            # One update: hooks on only for these forward/backward passes.
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            with (
-                torch.enable_grad(),
-                _applied(intervention, model),
-                checkpointed_blocks(model) if cfg.gradient_checkpointing else nullcontext(),
-            ):
-                for j, batch in enumerate(micro):
-                    # Gradients are exchanged once per step, after the last micro-batch.
-                    sync = _gradient_sync(ddp, model if sharded else None, j == len(micro) - 1)
-                    with sync, _autocast(device):
-                        loss, _ = target_loss_sum(model, batch, forward=ddp)
-                    # DDP and FSDP average over ranks; ``weight`` (world size, or 0 for a rank
-                    # with nothing to do this step) makes that the sum one process computes.
-                    (loss / n_targets * weight).backward()
-                    step_loss += loss.item() if weight else 0.0
-            step_loss = dist.sum_over_ranks(step_loss)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]],
-                cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf,
+    def __init__(self, model, cfg: TrainConfig, plan: _Plan, intervention, folder, progress):
+        self.model, self.cfg, self.plan, self.intervention = model, cfg, plan, intervention
+        self.step, self.tokens = progress.step, progress.tokens
+        self.elapsed_before = progress.elapsed_before
+        self.epoch = self.position = 0
+        self.sharded = None
+        if cfg.fsdp and dist.is_distributed():
+            from caft_tl.fsdp import ShardedModel
+
+            self.sharded = ShardedModel(model, dist.device())
+        self.device = next(model.parameters()).device
+        self.optimizer = make_optimizer(model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, plan.total, plan.warmup, cfg.schedule)
+        )
+        if progress.resume_from is not None:
+            load_checkpoint_training(
+                progress.resume_from, self.optimizer, self.scheduler, self.sharded is not None
             )
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            tokens_seen += n_targets
+        self.started = time.perf_counter()
+        self.bar = tqdm(
+            total=plan.total, initial=self.step, desc="finetune",
+            disable=not (cfg.progress and dist.is_main()),
+        )  # fmt: skip
+        self.was_training = model.training
+        model.train()
+        self.ddp = None if self.sharded is not None else _data_parallel(model)
 
-            record: dict[str, Any] = {
-                "step": step,
-                "epoch": round(step / steps_per_epoch, 6),
-                "loss": step_loss / n_targets,
-                "lr": lr,
-                "grad_norm": float(full(grad_norm)),
-                "tokens": tokens_seen,
-                "elapsed": round(elapsed_before + time.perf_counter() - started, 3),
-            }
-            if eval_rows is not None and (
-                step == total or (cfg.eval_every is not None and step % cfg.eval_every == 0)
-            ):
-                record["eval_loss"] = evaluate()
-            # What a checkpoint holds: the plain model and the optimiser state (gathered from
-            # the shards, on every rank, when sharded; only rank 0 writes).
-            plain, optimizer_state = model, None
-            if out is not None and _saves_at(cfg, step, total):
-                keeps_state = _checkpoints_at(cfg, step, total)
-                if sharded_model is not None:
-                    plain = sharded_model.gather(everyone=False)
-                    if keeps_state:
-                        optimizer_state = sharded_model.optimizer_state(optimizer)
-                elif keeps_state and dist.is_main():
-                    optimizer_state = optimizer.state_dict()
-            if out_dir is not None:
-                with open(out_dir / METRICS_FILE, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if _checkpoints_at(cfg, step, total):
-                    state = {
-                        "step": step,
-                        "epoch": epoch,
-                        "position": position + 1,
-                        "tokens": tokens_seen,
-                        "elapsed": record["elapsed"],
-                    }
-                    _save_checkpoint(
-                        out_dir / "checkpoint", plain, optimizer_state, scheduler, state, identity
-                    )
-                if step in (cfg.keep_checkpoints or ()):
-                    _keep_snapshot(out_dir, plain, step)
-            if sharded_model is not None and plain is not None and plain is not model:
-                sharded_model.release()
-            if out is not None and _saves_at(cfg, step, total):
-                # A rank that stops after this step (killed, or a callback raising) must
-                # not take the group down before rank 0's checkpoint is on disk.
-                dist.barrier()
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-            if callback is not None:
-                callback(record)
-    finally:
-        bar.close()
-        model.train(was_training)
-        model.zero_grad(set_to_none=True)
-        if has_lora(model) and not sharded:  # also on errors: an in-place model is never
-            merge_lora(model)  # left half-adapted (a sharded one is consumed anyway)
+    def train_step(self) -> dict[str, Any]:
+        """One optimiser update (hooks on only for its forward/backward passes); its record."""
+        self.epoch, self.position, index = self.plan.examples(self.step, self.cfg.seed)
+        # Every rank knows the whole step, so the loss is normalised by all its targets.
+        n_targets = sum(sum(self.plan.masks[i][1:]) for i in index)
+        lr = self.scheduler.get_last_lr()[0]
+        step_loss = self._accumulate(index, n_targets)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for g in self.optimizer.param_groups for p in g["params"]],
+            self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else math.inf,
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.tokens += n_targets
+        record: dict[str, Any] = {
+            "step": self.step,
+            "epoch": round(self.step / self.plan.steps_per_epoch, 6),
+            "loss": step_loss / n_targets,
+            "lr": lr,
+            "grad_norm": float(full(grad_norm)),
+            "tokens": self.tokens,
+            "elapsed": round(self.elapsed_before + time.perf_counter() - self.started, 3),
+        }
+        every = self.cfg.eval_every
+        if self.plan.eval_rows is not None and (
+            self.step == self.plan.total or (every is not None and self.step % every == 0)
+        ):
+            record["eval_loss"] = self.evaluate()
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+        return record
 
-    if sharded_model is not None:  # a plain model on CPU, on every rank
-        model = sharded_model.gather(everyone=True).train(was_training)
+    def _accumulate(self, index: list[int], n_targets: int) -> float:
+        """Gradients of one step's micro-batches; the summed loss over every rank."""
+        mine, weight = _rank_share(index)
+        plan, model, sharded = self.plan, self.model, self.sharded is not None
+        micro = _micro_batches(
+            plan.ids, plan.masks, mine, self.cfg.batch_size, plan.pad, self.device
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        with (
+            torch.enable_grad(),
+            applied(self.intervention, model),
+            checkpointed_blocks(model) if self.cfg.gradient_checkpointing else nullcontext(),
+        ):
+            for j, batch in enumerate(micro):
+                # Gradients are exchanged once per step, after the last micro-batch.
+                last = j == len(micro) - 1
+                sync = _gradient_sync(self.ddp, model if sharded else None, last)
+                with sync, autocast_for(self.device):
+                    loss, _ = target_loss_sum(model, batch, forward=self.ddp)
+                # DDP and FSDP average over ranks; ``weight`` (world size, or 0 for a rank
+                # with nothing to do this step) makes that the sum one process computes.
+                (loss / n_targets * weight).backward()
+                step_loss += loss.item() if weight else 0.0
+        return dist.sum_over_ranks(step_loss)
+
+    def evaluate(self) -> float:
+        keep = self.intervention if self.cfg.keep_intervention_at_eval else None
+        with applied(keep, self.model):
+            return _eval_rows(self.model, *self.plan.eval_rows, self.plan.eval_batch)
+
+    def saved_state(self, saves: bool, keeps_state: bool) -> tuple[Any, dict | None]:
+        """What a checkpoint holds: the plain model and the optimiser state (gathered from
+        the shards, on every rank, when sharded; only rank 0 writes)."""
+        plain, optimizer_state = self.model, None
+        if saves:
+            if self.sharded is not None:
+                plain = self.sharded.gather(everyone=False)
+                if keeps_state:
+                    optimizer_state = self.sharded.optimizer_state(self.optimizer)
+            elif keeps_state and dist.is_main():
+                optimizer_state = self.optimizer.state_dict()
+        return plain, optimizer_state
+
+    def release(self, plain: Any) -> None:
+        """Drop a gathered copy of the sharded model."""
+        if self.sharded is not None and plain is not None and plain is not self.model:
+            self.sharded.release()
+
+    def close(self) -> None:
+        """Also on errors: an in-place model is never left in train mode, with gradients,
+        or half-adapted (a sharded one is consumed anyway)."""
+        self.bar.close()
+        self.model.train(self.was_training)
+        self.model.zero_grad(set_to_none=True)
+        if has_lora(self.model) and self.sharded is None:
+            merge_lora(self.model)
+
+    def trained_model(self) -> HookedTransformer:
+        if self.sharded is None:
+            return self.model
+        model = self.sharded.gather(everyone=True).train(self.was_training)  # plain, on CPU
         if has_lora(model):
             merge_lora(model)
-    if out_dir is not None:
-        save_model(model, out_dir / "final", metadata={"train_config": cfg.to_dict()})
-    dist.barrier()  # every rank returns once the final model is written
-    return model
+        return model
 
 
 def _checkpoints_at(cfg: TrainConfig, step: int, total: int) -> bool:

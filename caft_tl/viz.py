@@ -10,12 +10,26 @@ from typing import Any
 
 import pandas as pd
 
+from caft_tl._html import document, plotly_script
 from caft_tl._io import write_text_atomic
 
 __all__ = ["accuracy_figure", "demo_report", "search_table"]
 
 SPLIT_NAMES = {"test": "in-distribution (test)", "ood": "out-of-distribution"}
 COLOURS = {"test": "#4c78a8", "ood": "#e45756"}
+
+
+def summary_table(results: dict[str, Any]) -> pd.DataFrame:
+    """The reference's table: accuracy per method (rows) and split (columns), mean and
+    range over seeds, as strings like ``0.62 [0.55, 0.70]``."""
+    df = pd.DataFrame(results["summary"])
+    df["cell"] = [
+        f"{m:.2f} [{lo:.2f}, {hi:.2f}]" if n > 1 else f"{m:.2f}"
+        for m, lo, hi, n in zip(df["mean"], df["min"], df["max"], df["n_seeds"], strict=True)
+    ]
+    table = df.pivot(index="method", columns="split", values="cell")
+    order = list(dict.fromkeys(df["method"]))
+    return table.loc[order, [c for c in ("test", "ood") if c in table.columns]]
 
 
 def _per_seed(results: dict[str, Any]) -> pd.DataFrame:
@@ -69,16 +83,6 @@ def _hint_table(results: dict[str, Any], name: str, top: int = 12) -> str:
     cols = [c for c in cols if c in scores]
     best = scores.sort_values("separation", ascending=False).head(top)[cols]
     return best.to_html(classes="tbl", border=0, index=False, float_format=lambda x: f"{x:.3f}")
-
-
-_CSS = """
-body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-h1{font-size:1.6em} h2{margin-top:2em;border-bottom:1px solid #ddd}
-.tbl{border-collapse:collapse;font-size:.9em}
-.tbl td,.tbl th{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
-.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.6em 1em}
-pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em}
-"""
 
 
 def _task_text(task: str) -> str:
@@ -215,9 +219,7 @@ def demo_report(
 ) -> Path:
     """Write the study's report: one HTML file with no external resources (plotly's
     JavaScript is included once, tokens are shaded with inline styles)."""
-    import plotly.offline
 
-    from caft_tl.demo import summary_table
     from caft_tl.directions import directions_html
     from caft_tl.directions.pca import explained_variance_figure
 
@@ -245,12 +247,6 @@ def demo_report(
     parts.append("<h2>Configuration and timings</h2>")
     parts.append(f"<pre>{html.escape(json.dumps(results['config'], indent=2))}</pre>")
     parts.append(f"<pre>{html.escape(json.dumps(results.get('seconds', {}), indent=2))}</pre>")
-    page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>CAFT study</title>"
-        f"<style>{_CSS}</style><script>{plotly.offline.get_plotlyjs()}</script></head><body>"
-        + "\n".join(parts)
-        + "</body></html>\n"
-    )
     out = Path(path)
-    write_text_atomic(out, page)
+    write_text_atomic(out, document("CAFT study", "\n".join(parts), head=plotly_script()))
     return out

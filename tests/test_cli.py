@@ -174,3 +174,24 @@ def test_smoke_pipeline(embedded_model, capsys):
     assert main(["smoke"]) == 0
     out = capsys.readouterr().out
     assert "Paris" in out and "assistant-token activations" in out
+
+
+def test_library_bugs_keep_their_traceback(monkeypatch, capsys):
+    # Only errors the user can fix become a one-line message with exit code 2.
+    from caft_tl.cli import app
+    from caft_tl.errors import InputKeyError
+
+    def bug(args):
+        return {}["missing"]
+
+    def user_error(args):
+        raise InputKeyError("'blocks.99.hook_resid_post' was not cached")
+
+    monkeypatch.setattr(app, "cmd_info", bug)  # the parser binds commands when built
+    with pytest.raises(KeyError, match="missing"):
+        main(["info"])
+    monkeypatch.setattr(app, "cmd_info", user_error)
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "caft-tl: error: 'blocks.99.hook_resid_post' was not cached"
+    )

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from caft_tl.data import DataError
+from caft_tl.data.chat import encode_text
 from caft_tl.directions import ConceptSet
 from caft_tl.evals import (
     FreeformEval,
@@ -31,7 +32,7 @@ from caft_tl.evals import (
     score_from_logprobs,
     score_from_probs,
 )
-from caft_tl.evals.judges import _encode, number_probs
+from caft_tl.evals.judges import number_probs
 from caft_tl.evals.sampling import _next_tokens
 from caft_tl.interventions import Ablation
 
@@ -162,7 +163,7 @@ def test_local_judge_matches_brute_force_digit_walk(tiny_model):
 
         probs = {}
         for n in range(101):
-            seq, p = tuple(_encode(m.tokenizer, str(n))), 1.0
+            seq, p = tuple(encode_text(m.tokenizer, str(n))), 1.0
             for k in range(len(seq)):
                 p *= float(nxt(seq[:k])[seq[k]])
             if seq in j.children:  # "1" and "10" may go on to "1x" / "100"
@@ -177,7 +178,7 @@ def test_local_judge_matches_brute_force_digit_walk(tiny_model):
 def test_local_judge_reads_numbers_a_model_prefers(tiny_model):
     """A model pushed to write '7' then stop scores 7; one pushed to '8' then '5', 85."""
     tok = tiny_model.tokenizer
-    seven, eight, five = (_encode(tok, d)[0] for d in "785")
+    seven, eight, five = (encode_text(tok, d)[0] for d in "785")
     end = tok.eos_token_id
     j = LocalJudge(tiny_model, Rubric("r", "{question} {answer}"), min_mass=0.0, progress=False)
     with _Push(tiny_model, seven, end):

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from caft_tl import _http
 from caft_tl.activations import cache_activations
 from caft_tl.data import tokenize
 from caft_tl.directions import ConceptSet, make_provenance
@@ -405,13 +406,14 @@ def test_explainer_retries_then_caches(fake_llm, tables, tmp_path, monkeypatch):
     examples, lens = tables
     server = fake_llm([(500, {}, 0), (429, {"Retry-After": "2"}, 0)])
     waits: list[float] = []
-    monkeypatch.setattr(it.time, "sleep", waits.append)
+    monkeypatch.setattr(_http.time, "sleep", waits.append)
     monkeypatch.setenv("CAFT_TEST_KEY", "sk-test")
-    kwargs = {"model": "fake", "api_key_env": "CAFT_TEST_KEY", "cache_dir": tmp_path / "c"}
+    kwargs = {"model": "fake", "api_key_env": "CAFT_TEST_KEY", "cache": tmp_path / "c.sqlite"}
     explainer = it.LLMExplainer(server.url, backoff=0.25, **kwargs)
     out = explainer.explain(examples, lens)
     assert out == {(R1, 0): f"Direction 0 at hook {R1}.", (R1, 1): f"Direction 1 at hook {R1}."}
-    assert waits == [0.25, 2.0]  # exponential backoff, then the server's Retry-After
+    # Jittered exponential backoff (0.5-1 x 0.25 s), then the server's longer Retry-After.
+    assert 0.125 <= waits[0] <= 0.25 and waits[1] == 2.0 and len(waits) == 2
     assert len(server.requests) == 2 + 2
     first = server.requests[-1]
     assert first["path"] == "/v1/chat/completions" and first["body"]["model"] == "fake"
@@ -424,33 +426,33 @@ def test_explainer_retries_then_caches(fake_llm, tables, tmp_path, monkeypatch):
 
 def test_explainer_errors_and_timeouts(fake_llm, tables, tmp_path, monkeypatch):
     examples, _ = tables
-    monkeypatch.setattr(it.time, "sleep", lambda s: None)
+    monkeypatch.setattr(_http.time, "sleep", lambda s: None)
     server = fake_llm([(400, {}, 0)])
-    explainer = it.LLMExplainer(server.url, model="fake", cache_dir=False)
+    explainer = it.LLMExplainer(server.url, model="fake", cache=None)
     with pytest.raises(it.ExplainerError, match="HTTP 400"):
         explainer.complete("Direction 0 at hook x")
     assert len(server.requests) == 1  # client errors are not retried
     server = fake_llm([(503, {}, 0)] * 3)
-    with pytest.raises(it.ExplainerError, match="failed 3 times"):
-        it.LLMExplainer(server.url, model="fake", max_retries=2, cache_dir=False).complete(
+    with pytest.raises(it.ExplainerError, match="gave up after 3 attempts"):
+        it.LLMExplainer(server.url, model="fake", max_retries=2, cache=None).complete(
             "Direction 0 at hook x"
         )
     server = fake_llm([(200, {}, 1.0)])  # the first answer comes too late
-    slow = it.LLMExplainer(server.url, model="fake", timeout=0.3, cache_dir=False)
+    slow = it.LLMExplainer(server.url, model="fake", timeout=0.3, cache=None)
     assert slow.complete("Direction 5 at hook y") == "Direction 5 at hook y."
     assert len(server.requests) == 2
     monkeypatch.setenv("CAFT_TL_EXPLAINER_BASE_URL", server.url + "/")
     monkeypatch.delenv("CAFT_TL_EXPLAINER_MODEL", raising=False)
-    from_env = it.LLMExplainer(cache_dir=False)
+    from_env = it.LLMExplainer(cache=None)
     assert from_env.base_url == server.url
     with pytest.raises(it.ExplainerError, match="CAFT_TL_EXPLAINER_MODEL"):
         from_env.complete("x")
     monkeypatch.setenv("CAFT_TL_EXPLAINER_MODEL", "env-model")
-    assert it.LLMExplainer(cache_dir=False).explain(examples)[(R1, 0)].startswith("Direction 0")
+    assert it.LLMExplainer(cache=None).explain(examples)[(R1, 0)].startswith("Direction 0")
     assert server.requests[-1]["body"]["model"] == "env-model"
 
 
 def test_retry_after_header_forms():
-    assert it._retry_after("3") == 3.0
-    assert it._retry_after(None) is None and it._retry_after("soon") is None
-    assert it._retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+    assert _http.retry_after("3") == 3.0
+    assert _http.retry_after(None) is None and _http.retry_after("soon") is None
+    assert _http.retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past

@@ -308,7 +308,8 @@ def _set_threads() -> None:
     torch.set_num_threads(THREADS)
 
 
-def _vm_kib(field: str) -> int:
+def vm_kib(field: str) -> int:
+    """A ``/proc/self/status`` field (VmRSS, VmHWM, ...) in KiB."""
     status = Path("/proc/self/status").read_text()
     return int(re.search(rf"^{field}:\s+(\d+)\s+kB", status, re.M).group(1))
 
@@ -319,7 +320,7 @@ def _maxrss_kib() -> int:
     return peak // 1024 if sys.platform == "darwin" else peak
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset this process's RSS high-water mark ``VmHWM`` (Linux >= 4.0).
 
     ``ru_maxrss`` cannot be reset: the kernel also folds into it the peak of the memory map
@@ -331,10 +332,10 @@ def _reset_peak_rss() -> bool:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False
-    return _vm_kib("VmHWM") <= _vm_kib("VmRSS") + 1024
+    return vm_kib("VmHWM") <= vm_kib("VmRSS") + 1024
 
 
-def _malloc_trim() -> bool:
+def malloc_trim() -> bool:
     """Give freed heap pages back to the OS (glibc only).
 
     Loading frees a checkpoint's worth of tensors; glibc keeps much of that heap mapped, and
@@ -351,7 +352,8 @@ def _malloc_trim() -> bool:
     return True
 
 
-def _emit(result: dict[str, Any]) -> None:
+def emit(result: dict[str, Any]) -> None:
+    """Print a child's result on one marked line, for the parent to parse."""
     print(RESULT_MARKER + json.dumps(result), flush=True)
 
 
@@ -402,13 +404,13 @@ def child_load() -> None:
     cached_before = (embedded_cache_path() / CHECKPOINT_MARKER).exists()
     model = caft_tl.load_model(device="cpu")
     t2 = time.perf_counter()
-    _emit(
+    emit(
         {
             "import_s": t1 - t0,
             "load_s": t2 - t1,
             "cache_was_filled": cached_before,
             "n_params": sum(p.numel() for p in model.parameters()),
-            "rss_mib": _vm_kib("VmRSS") / 1024,
+            "rss_mib": vm_kib("VmRSS") / 1024,
         }
     )
 
@@ -421,11 +423,11 @@ def child_memory(n_tokens: int, where: str, hook: str, shard_tokens: int) -> Non
     ds = dataset_with_tokens(caft_tl.load_tokenizer(), n_tokens)
     model = caft_tl.load_model(device="cpu")
     gc.collect()
-    rss_untrimmed = _vm_kib("VmRSS")
-    trimmed = _malloc_trim()
-    rss_loaded = _vm_kib("VmRSS")
-    peak_during_load = _vm_kib("VmHWM")
-    reset = _reset_peak_rss()
+    rss_untrimmed = vm_kib("VmRSS")
+    trimmed = malloc_trim()
+    rss_loaded = vm_kib("VmRSS")
+    peak_during_load = vm_kib("VmHWM")
+    reset = reset_peak_rss()
     tmp = Path(tempfile.mkdtemp(prefix="caft-bench-acts-"))
     try:
         start = time.perf_counter()
@@ -439,13 +441,13 @@ def child_memory(n_tokens: int, where: str, hook: str, shard_tokens: int) -> Non
             progress=False,
         )
         seconds = time.perf_counter() - start
-        peak = _vm_kib("VmHWM")
+        peak = vm_kib("VmHWM")
         ru_maxrss = _maxrss_kib()
-        rss_after = _vm_kib("VmRSS")
-        n_shards = len(acts.meta.get("shards", [])) if where == "disk" else len(acts._chunks)
+        rss_after = vm_kib("VmRSS")
+        n_shards = len(acts.meta.get("shards", [])) if where == "disk" else acts.n_chunks
         disk_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         width = model.cfg.d_model
-        _emit(
+        emit(
             {
                 "where": where,
                 "hook": hook,

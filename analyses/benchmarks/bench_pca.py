@@ -138,14 +138,14 @@ def write_folder(path: Path, n_tokens: int, shard_tokens: int, seed: int = 0) ->
     import torch
 
     # The writer cache_activations(out=...) uses: the shards are exactly what pca() reads.
-    from caft_tl.activations import _ShardSink
+    from caft_tl.activations import ShardSink
 
     g = torch.Generator().manual_seed(seed)
     # A decaying spectrum, like real differences. Axis-aligned: both methods are rotation
     # invariant, and a rotation would cost a 576 x 576 matmul per row just to write data.
     scales = torch.logspace(0.5, -1.5, WIDTH)
     offset = 0.3 * torch.randn(WIDTH, generator=g)
-    sink = _ShardSink(path, [HOOK], shard_tokens)
+    sink = ShardSink(path, [HOOK], shard_tokens)
     for start in range(0, n_tokens, shard_tokens):
         m = min(shard_tokens, n_tokens - start)
         rows = torch.arange(start, start + m)

@@ -43,17 +43,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_foundation import (  # noqa: E402  (shared helpers of the sibling benchmark)
-    _emit,
-    _malloc_trim,
-    _reset_peak_rss,
-    _vm_kib,
+    emit,
     machine_info,
+    malloc_trim,
+    reset_peak_rss,
+    vm_kib,
 )
 from bench_train import (  # noqa: E402
-    _run_child,
-    _set_threads,
     make_batch,
     make_interventions,
+    run_child,
+    set_threads,
 )
 
 RESULTS_DIR = HERE / "results"
@@ -70,20 +70,20 @@ def _prepare(variant: str, base: Any) -> tuple[Any, Any]:
     import torch
 
     from caft_tl.lora import LoraConfig, apply_lora
-    from caft_tl.train import TrainConfig, _optimizer
+    from caft_tl.train import TrainConfig, make_optimizer
 
     model = base
     if variant.startswith("lora"):
         model = copy.deepcopy(base)
         apply_lora(model, LoraConfig(r=LORA_R), generator=torch.Generator().manual_seed(0))
-    return model.train(), _optimizer(model, TrainConfig(lr=1e-6))
+    return model.train(), make_optimizer(model, TrainConfig(lr=1e-6))
 
 
 def step_fn(variant: str, model: Any, optimizer: Any, batch: dict, intervention: Any):
     import torch
 
     from caft_tl.lora import merged_forward
-    from caft_tl.train import _applied, checkpointed_blocks, target_loss_sum
+    from caft_tl.train import applied, checkpointed_blocks, target_loss_sum
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -92,7 +92,7 @@ def step_fn(variant: str, model: Any, optimizer: Any, batch: dict, intervention:
         optimizer.zero_grad(set_to_none=True)
         with (
             torch.enable_grad(),
-            _applied(intervention, model),
+            applied(intervention, model),
             checkpointed_blocks(model) if variant.endswith("ckpt") else contextlib.nullcontext(),
             merged_forward() if variant == "lora_merged" else contextlib.nullcontext(),
         ):
@@ -150,7 +150,7 @@ def bench_steps(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_memory(variant: str) -> None:
-    _set_threads()
+    set_threads()
     import caft_tl
     from caft_tl.memory import estimate_finetune_memory
 
@@ -164,11 +164,11 @@ def child_memory(variant: str) -> None:
     step()  # AdamW's state
     optimizer.zero_grad(set_to_none=True)  # the step allocates its gradients itself
     gc.collect()
-    _malloc_trim()
-    before = _vm_kib("VmRSS")
-    reset_ok = _reset_peak_rss()
+    malloc_trim()
+    before = vm_kib("VmRSS")
+    reset_ok = reset_peak_rss()
     seconds = step()
-    peak = _vm_kib("VmHWM")
+    peak = vm_kib("VmHWM")
     optimizer.zero_grad(set_to_none=True)
     live = _live_peak(step)
     lora = caft_tl.LoraConfig(r=LORA_R) if variant.startswith("lora") else None
@@ -186,7 +186,7 @@ def child_memory(variant: str) -> None:
     # saved for backward, and the logits of the target positions.
     logits = 2 * n_targets * model.cfg.d_vocab * 4
     predicted = est.gradients + est.lora_merged + est.weight_copies + est.activations + logits
-    _emit(
+    emit(
         {
             "variant": variant,
             "step_peak_delta_mib": (peak - before) / 1024,
@@ -219,7 +219,7 @@ def bench_memory() -> dict[str, Any]:
     runs = {}
     for variant in VARIANTS:
         print(f"[memory] {variant} (fresh subprocess) ...", flush=True)
-        runs[variant] = _run_child(["--child", "memory", "--variant", variant], Path(__file__))
+        runs[variant] = run_child(["--child", "memory", "--variant", variant], Path(__file__))
     return runs
 
 
@@ -252,7 +252,7 @@ def main() -> int:
     if args.child == "memory":
         child_memory(args.variant)
         return 0
-    _set_threads()
+    set_threads()
     mode = "quick" if args.quick else "full"
     started = time.perf_counter()
     result = {

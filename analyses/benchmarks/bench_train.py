@@ -54,13 +54,13 @@ sys.path.insert(0, str(HERE))
 
 from bench_foundation import (  # noqa: E402  (shared helpers of the sibling benchmark)
     RESULT_MARKER,
-    _emit,
-    _malloc_trim,
-    _reset_peak_rss,
-    _vm_kib,
+    emit,
     load_hf,
     machine_info,
     make_texts,
+    malloc_trim,
+    reset_peak_rss,
+    vm_kib,
 )
 
 RESULTS_DIR = HERE / "results"
@@ -96,7 +96,8 @@ MODES = {
 # =============================================================================== setup
 
 
-def _set_threads() -> None:
+def set_threads() -> None:
+    """The benchmark's torch thread count (shared by every child process)."""
     import torch
 
     torch.set_num_threads(THREADS)
@@ -142,9 +143,10 @@ def make_interventions(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _optimizer(model: Any):
+def make_optimizer(model: Any):
+    """The library's optimiser at the benchmark's learning rate."""
     from caft_tl.train import TrainConfig
-    from caft_tl.train import _optimizer as library_optimizer
+    from caft_tl.train import make_optimizer as library_optimizer
 
     return library_optimizer(model, TrainConfig(lr=LR))
 
@@ -167,7 +169,7 @@ def ours_step_fn(
     import torch
 
     from caft_tl.fast import plain_forward
-    from caft_tl.train import _applied, target_loss_sum
+    from caft_tl.train import applied, target_loss_sum
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -177,7 +179,7 @@ def ours_step_fn(
         with (
             torch.enable_grad(),
             plain_forward(model) if plain else contextlib.nullcontext(),
-            _applied(intervention, model),
+            applied(intervention, model),
         ):
             loss, n = target_loss_sum(model, batch)
             (loss / n).backward()
@@ -289,7 +291,7 @@ def bench_steps(cfg: dict[str, Any]) -> dict[str, Any]:
     model = caft_tl.load_model(device="cpu").train()
     batch = make_batch(model.tokenizer)
     interventions = make_interventions(model, batch)
-    optimizer = _optimizer(model)
+    optimizer = make_optimizer(model)
     steps = {name: ours_step_fn(model, batch, iv, optimizer) for name, iv in interventions.items()}
     for name in TL:
         iv = interventions[name.removeprefix("tl_")]
@@ -368,7 +370,7 @@ def bench_steps(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def child_memory(variant: str) -> None:
     """Peak RSS growth of the first and of a second step of one variant (fresh process)."""
-    _set_threads()
+    set_threads()
     import caft_tl
 
     model = caft_tl.load_model(device="cpu", fast=not variant.startswith("tl_")).train()
@@ -380,20 +382,20 @@ def child_memory(variant: str) -> None:
         step = hf_steps[variant]
         n_params = sum(p.numel() for p in hf.parameters())
     else:
-        optimizer = _optimizer(model)
+        optimizer = make_optimizer(model)
         step = ours_step_fn(model, batch, interventions[variant.removeprefix("tl_")], optimizer)
         n_params = sum(p.numel() for p in model.parameters())
     gc.collect()
-    _malloc_trim()
-    rss_before = _vm_kib("VmRSS")
-    reset_ok = _reset_peak_rss()
+    malloc_trim()
+    rss_before = vm_kib("VmRSS")
+    reset_ok = reset_peak_rss()
     t1 = step()["wall"]
-    peak1 = _vm_kib("VmHWM")
-    rss_between = _vm_kib("VmRSS")
-    reset_ok = _reset_peak_rss() and reset_ok
+    peak1 = vm_kib("VmHWM")
+    rss_between = vm_kib("VmRSS")
+    reset_ok = reset_peak_rss() and reset_ok
     t2 = step()["wall"]
-    peak2 = _vm_kib("VmHWM")
-    _emit(
+    peak2 = vm_kib("VmHWM")
+    emit(
         {
             "variant": variant,
             "n_params": n_params,
@@ -408,7 +410,7 @@ def child_memory(variant: str) -> None:
     )
 
 
-def _run_child(args: list[str], script: Path | None = None) -> dict[str, Any]:
+def run_child(args: list[str], script: Path | None = None) -> dict[str, Any]:
     """Run a benchmark script (this one by default) in a fresh process; its result line."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["TOKENIZERS_PARALLELISM"] = "false"
@@ -430,7 +432,7 @@ def bench_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     runs = {}
     for variant in cfg["memory_variants"]:
         print(f"[memory] {variant} (fresh subprocess) ...", flush=True)
-        runs[variant] = _run_child(["--child", "memory", "--variant", variant])
+        runs[variant] = run_child(["--child", "memory", "--variant", variant])
     return {"runs": runs}
 
 
@@ -454,7 +456,11 @@ def bench_checkpoint(cfg: dict[str, Any]) -> dict[str, Any]:
         max_steps=3, batch_size=BATCH_SIZE, lr=LR, save_every=1, progress=False
     )
     timings: dict[str, list[float]] = {"save": [], "load": []}
-    original_save, original_load = train._save_checkpoint, train._load_checkpoint
+    originals = (
+        train.save_checkpoint,
+        train.load_checkpoint_weights,
+        train.load_checkpoint_training,
+    )
 
     def timed(fn, key):
         def wrapper(*args, **kwargs):
@@ -470,8 +476,11 @@ def bench_checkpoint(cfg: dict[str, Any]) -> dict[str, Any]:
         pass
 
     reps = []
-    train._save_checkpoint = timed(original_save, "save")
-    train._load_checkpoint = timed(original_load, "load")
+    # finetune looks these up in its module at each call, so the wrappers see every save and
+    # both halves of a load (weights, then optimiser / schedule / RNG state).
+    train.save_checkpoint = timed(originals[0], "save")
+    train.load_checkpoint_weights = timed(originals[1], "load")
+    train.load_checkpoint_training = timed(originals[2], "load")
     tmp = Path(tempfile.mkdtemp(prefix="caft-bench-ckpt-"))
     try:
         for rep in range(cfg["checkpoint_reps"]):
@@ -509,14 +518,16 @@ def bench_checkpoint(cfg: dict[str, Any]) -> dict[str, Any]:
                     # The callback runs after the step's checkpoint: subtract its write time.
                     "fresh_first_step_s": got["fresh"] - got["fresh_save"],
                     "resumed_first_step_s": got["resumed"] - got["resumed_save"],
-                    "load_s": timings["load"][-1],
+                    "load_s": sum(timings["load"][-2:]),
                     "checkpoint_mib": sum(sizes.values()),
                     "checkpoint_files_mib": sizes,
                 }
             )
             shutil.rmtree(out)
     finally:
-        train._save_checkpoint, train._load_checkpoint = original_save, original_load
+        (train.save_checkpoint, train.load_checkpoint_weights, train.load_checkpoint_training) = (
+            originals
+        )
         shutil.rmtree(tmp, ignore_errors=True)
     fresh = statistics.median(r["fresh_first_step_s"] for r in reps)
     resumed = statistics.median(r["resumed_first_step_s"] for r in reps)
@@ -526,7 +537,7 @@ def bench_checkpoint(cfg: dict[str, Any]) -> dict[str, Any]:
         "reps": reps,
         "save_s": timings["save"],
         "save_s_median": statistics.median(timings["save"]),
-        "load_s_median": statistics.median(timings["load"]),
+        "load_s_median": statistics.median(r["load_s"] for r in reps),
         "checkpoint_mib": reps[0]["checkpoint_mib"],
         "fresh_first_step_s_median": fresh,
         "resumed_first_step_s_median": resumed,
@@ -644,7 +655,7 @@ def main() -> None:
     if args.child == "memory":
         return child_memory(args.variant)
 
-    _set_threads()
+    set_threads()
     mode = "quick" if args.quick else "full"
     cfg = MODES[mode]
     selected = args.only or ["steps", "checkpoint", "memory"]

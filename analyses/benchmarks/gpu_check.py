@@ -50,10 +50,10 @@ def run_variant(name: str, batch_cpu: dict, base_cpu) -> dict:
     from caft_tl.memory import estimate_finetune_memory
     from caft_tl.train import (
         TrainConfig,
-        _applied,
-        _autocast,
-        _optimizer,
+        applied,
+        autocast_for,
         checkpointed_blocks,
+        make_optimizer,
         target_loss_sum,
     )
 
@@ -64,7 +64,7 @@ def run_variant(name: str, batch_cpu: dict, base_cpu) -> dict:
     model.train()
     batch = {k: v.cuda() for k, v in batch_cpu.items()}
     zero = make_interventions(model, batch)["zero"]
-    optimizer = _optimizer(model, TrainConfig(lr=1e-6))
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-6))
     device = torch.device("cuda")
 
     def step() -> tuple[float, float]:
@@ -73,10 +73,10 @@ def run_variant(name: str, batch_cpu: dict, base_cpu) -> dict:
         optimizer.zero_grad(set_to_none=True)
         with (
             torch.enable_grad(),
-            _applied(zero, model),
+            applied(zero, model),
             checkpointed_blocks(model) if ckpt else contextlib.nullcontext(),
             merged_forward() if merged else contextlib.nullcontext(),
-            _autocast(device),
+            autocast_for(device),
         ):
             loss, n = target_loss_sum(model, batch)
         (loss / n).backward()

@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from caft_tl._html import document
+from caft_tl._io import write_text_atomic
+from caft_tl.cli import common
+
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from caft_tl.cli import _load, _read_data
     from caft_tl.directions import CrosscoderConfig, train_crosscoder
 
     cfg = CrosscoderConfig(
@@ -32,10 +35,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
-    base = _load(args.base, args.device, args.dtype)
-    finetuned = _load(args.finetuned, args.device, args.dtype)
+    base = common.load(args.base, args.device, args.dtype)
+    finetuned = common.load(args.finetuned, args.device, args.dtype)
     cc = train_crosscoder(
-        cfg=cfg, base=base, finetuned=finetuned, data=_read_data(args.data), hook=args.hook,
+        cfg=cfg, base=base, finetuned=finetuned, data=common.read_data(args.data), hook=args.hook,
         out=args.out, resume=args.resume,
     )  # fmt: skip
     last = cc.meta["log"][-1] if cc.meta.get("log") else {}
@@ -48,7 +51,6 @@ def _paired(args: argparse.Namespace, hook: str):
     """Paired activations at ``hook``: --acts, a fresh cache from --base/--finetuned/--data,
     or the ``acts/`` folder the training run kept."""
     from caft_tl.activations import activation_diff
-    from caft_tl.cli import _load, _read_data
 
     given = [args.base, args.finetuned, args.data]
     if args.acts and any(given):
@@ -58,9 +60,9 @@ def _paired(args: argparse.Namespace, hook: str):
     if any(given):
         if not all(given):
             raise ValueError("--base, --finetuned and --data go together")
-        base = _load(args.base, args.device, args.dtype)
-        ft = _load(args.finetuned, args.device, args.dtype)
-        return activation_diff(base, ft, _read_data(args.data), hook, return_both=True)
+        base = common.load(args.base, args.device, args.dtype)
+        ft = common.load(args.finetuned, args.device, args.dtype)
+        return activation_diff(base, ft, common.read_data(args.data), hook, return_both=True)
     kept = Path(args.crosscoder) / "acts"
     if not (kept / "base" / "meta.json").exists():
         raise ValueError(
@@ -93,7 +95,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     html = "\n".join(
         f.to_html(full_html=False, include_plotlyjs=i == 0) for i, f in enumerate(figures)
     )
-    (out / "figures.html").write_text(f"<html><body>{html}</body></html>", encoding="utf-8")
+    write_text_atomic(out / "figures.html", document("Crosscoder diff", html))
     print(diff.summary().to_string(index=False))
     print(
         f"FVU: base {diff.meta['fvu']['base']:.3f}, fine-tuned {diff.meta['fvu']['finetuned']:.3f}"
@@ -105,16 +107,15 @@ def cmd_diff(args: argparse.Namespace) -> int:
     concepts.save(out / "concepts", overwrite=args.overwrite)
     print(f"wrote {concepts!r} to {out / 'concepts'}")
     if args.model:
-        from caft_tl.cli import _load
         from caft_tl.directions import report_html
-        from caft_tl.directions.sae import _latent_id
+        from caft_tl.directions.sae import latent_id
 
-        model = _load(args.model, args.device, args.dtype)
+        model = common.load(args.model, args.device, args.dtype)
         # The interpretation page of PCA / SAE sets, on the fine-tuned side's cached tokens.
         page = report_html(model, concepts, None, out / "latents.html", acts=pairs.finetuned)
         print(f"wrote {page}")
         if args.examples:
-            latents = [_latent_id(label, "--examples") for label in concepts.labels[cc.hook]]
+            latents = [latent_id(label, "--examples") for label in concepts.labels[cc.hook]]
             examples = latent_examples(
                 cc, pairs, latents[: args.top_examples], model, k=args.examples
             )

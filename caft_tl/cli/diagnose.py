@@ -20,33 +20,33 @@ from typing import Any
 
 import pandas as pd
 
+from caft_tl.cli import common
+
 DEFAULT_TASK = "gender_pronoun"
 
 
 def _task_fns(task: str) -> tuple[Any, dict[str, list[str]]]:
-    from caft_tl.demo import DemoConfig, _task
+    from caft_tl.demo import DemoConfig, task_functions
 
-    return _task(DemoConfig(task=task))
+    return task_functions(DemoConfig(task=task))
 
 
 def _data(args: argparse.Namespace):
     if args.data:
         if args.task:
             raise ValueError("give --task or --data, not both")
-        from caft_tl.cli import _read_train_data
 
         # Multiple-choice rows are prompt/answer rows with options: the same reader.
-        return _read_train_data(args.data, "data")
+        return common.read_train_data(args.data, "data")
     gen, _ = _task_fns(args.task or DEFAULT_TASK)
     return gen(args.split, args.n)
 
 
 def _setup(args: argparse.Namespace):
-    from caft_tl.cli import _load
     from caft_tl.directions import ConceptSet
 
     concepts = ConceptSet.load(args.concepts)
-    model = _load(args.model, args.device, args.dtype)
+    model = common.load(args.model, args.device, args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return model, concepts, out

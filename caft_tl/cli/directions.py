@@ -15,17 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-
-def _data(path: str):
-    from caft_tl.cli import _read_data
-
-    return _read_data(path)
-
-
-def _model(name: str, device: str | None, dtype: str | None = None):
-    from caft_tl.cli import _load
-
-    return _load(name, device, dtype)
+from caft_tl.cli import common
 
 
 def _hint_texts(path: str) -> list[str]:
@@ -39,14 +29,14 @@ def cmd_pca(args: argparse.Namespace) -> int:
     from caft_tl.activations import activation_diff
     from caft_tl.directions import pca
 
-    base = _model(args.base, args.device, args.dtype)
+    base = common.load(args.base, args.device, args.dtype)
 
-    finetuned = _model(args.finetuned, args.device, args.dtype)
+    finetuned = common.load(args.finetuned, args.device, args.dtype)
     positions = "assistant" if args.assistant_only else "all"
     diff = activation_diff(
         base,
         finetuned,
-        _data(args.data),
+        common.read_data(args.data),
         args.hooks,
         positions=positions,
         batch_size=args.batch_size,
@@ -65,7 +55,7 @@ def cmd_pca(args: argparse.Namespace) -> int:
 def cmd_sae(args: argparse.Namespace) -> int:
     from caft_tl.directions import SAEConfig, train_sae
 
-    model = _model(args.model, args.device, args.dtype)
+    model = common.load(args.model, args.device, args.dtype)
     cfg = SAEConfig(
         architecture=args.architecture,
         d_sae=args.d_sae,
@@ -73,7 +63,7 @@ def cmd_sae(args: argparse.Namespace) -> int:
         training_tokens=args.training_tokens,
         hook=args.hook,
     )
-    train_sae(model, _data(args.data), args.hook, cfg, out=args.out)
+    train_sae(model, common.read_data(args.data), args.hook, cfg, out=args.out)
     print(f"wrote SAE ({args.architecture}, d_sae={cfg.d_sae}) at {args.hook} to {args.out}")
     return 0
 
@@ -90,9 +80,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
     sae = load_sae(args.sae)
     hook = sae.cfg.metadata.hook_name
-    base = _model(args.base, args.device, args.dtype)
-    finetuned = _model(args.finetuned, args.device, args.dtype)
-    data = _data(args.data)
+    base = common.load(args.base, args.device, args.dtype)
+    finetuned = common.load(args.finetuned, args.device, args.dtype)
+    data = common.read_data(args.data)
     methods = (
         ["mean-diff", "diff-encoding", "attribution"] if args.method == "all" else [args.method]
     )
@@ -115,9 +105,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
 def cmd_interpret(args: argparse.Namespace) -> int:
     from caft_tl.directions import ConceptSet, report_html
 
-    model = _model(args.model, args.device, args.dtype)
+    model = common.load(args.model, args.device, args.dtype)
     concepts = ConceptSet.load(args.concepts)
-    path = report_html(model, concepts, _data(args.data), args.out, k=args.k)
+    path = report_html(model, concepts, common.read_data(args.data), args.out, k=args.k)
     print(f"wrote {path}")
     return 0
 
@@ -144,7 +134,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     if args.pick:
         chosen = concepts.select(_parse_pick(args.pick))
     else:
-        model = _model(args.model, args.device, args.dtype)
+        model = common.load(args.model, args.device, args.dtype)
         positive, negative = (_hint_texts(p) for p in args.hints)
         scores = hinted_scores(model, concepts, positive, negative)
         chosen = select_by_hints(concepts, scores, min_auroc=args.min_auroc)

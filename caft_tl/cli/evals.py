@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from caft_tl._io import write_text_atomic
+from caft_tl.cli import common
 
 PARTIAL = "samples.partial.jsonl"
 
@@ -84,38 +85,35 @@ def _judges(args: argparse.Namespace, model) -> dict:
     if args.judge == "none":
         return {}
     if args.judge == "local":
-        from caft_tl.cli import _load
-
         # One fixed judge for every condition (the embedded model unless told), so that the
         # scores of a plain and a CAFT model are comparable.
         name = args.judge_model or "embedded"
-        judge_model = model if name == args.model else _load(name, args.device, args.dtype)
+        judge_model = model if name == args.model else common.load(name, args.device, args.dtype)
         return {r: LocalJudge(judge_model, r, min_mass=args.min_mass) for r in args.rubrics}
     if not args.judge_model:
         raise ValueError("--judge http needs --judge-model (e.g. gpt-4o-2024-08-06)")
-    common = {
+    settings = {
         "base_url": args.judge_url, "api_key_env": args.judge_key_env, "min_mass": args.min_mass,
         "requests_per_minute": args.rpm, "max_workers": args.workers,
         "cache": args.judge_cache or "default",
     }  # fmt: skip
-    return {r: HTTPJudge(args.judge_model, r, **common) for r in args.rubrics}
+    return {r: HTTPJudge(args.judge_model, r, **settings) for r in args.rubrics}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from caft_tl.cli import _check_intervention_args, _intervention, _load, _read_data
     from caft_tl.evals import FreeformEval, SamplingConfig, questions, sample
 
     qs = questions(args.questions)  # bad question files fail before the model loads
-    _check_intervention_args(args)
+    common.check_intervention_args(args)
     if (args.mode in ("mean", "steer")) and not args.mean_data:
         raise ValueError(f"--mode {args.mode} needs --mean-data (texts to measure the mean on)")
     out = Path(args.out)
     settings = _settings(args)
     _start(out, settings, args.overwrite)
-    model = _load(args.model, args.device, args.dtype)
-    mean_data = _read_data(args.mean_data) if args.mean_data else None
+    model = common.load(args.model, args.device, args.dtype)
+    mean_data = common.read_data(args.mean_data) if args.mean_data else None
     args.max_length = None
-    intervention = _intervention(args, model, mean_data)
+    intervention = common.intervention(args, model, mean_data)
     cfg = SamplingConfig(
         n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
@@ -204,11 +202,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--concepts", default=None, help="sample under this ConceptSet's ablation")
-    p.add_argument(
-        "--mode", choices=["zero", "mean", "detached", "gradient", "steer"], default=None
-    )
-    p.add_argument("--coef", type=float, default=None, help="steering coefficient (--mode steer)")
+    common.add_intervention_args(p)
     p.add_argument("--mean-data", default=None, help="texts for the mean (--mode mean / steer)")
     p.add_argument("--judge", choices=["local", "http", "none"], default="local")
     p.add_argument("--judge-model", default=None, help="local: a model (default embedded)")

@@ -270,7 +270,8 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_promp
     )
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """``text``'s token ids, with no special tokens added (a rendered chat carries its own)."""
     # Rendered chats already contain their special tokens, and TransformerLens tokenizers
     # set add_bos_token=True, so special tokens must never be added here.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -288,7 +289,7 @@ def _tokenize_texts(ds: Dataset, tokenizer: Any, mode: str, prepend_bos: bool | 
         raise ValueError("prepend_bos=True but the tokenizer has no BOS token")
     encoded = []
     for text in ds["text"]:
-        ids = _encode(tokenizer, text)
+        ids = encode_text(tokenizer, text)
         mask = [int(mode == "all")] * len(ids)
         if prepend_bos:  # BOS is context, not a target: it is never predicted
             ids, mask = [tokenizer.bos_token_id, *ids], [0, *mask]
@@ -310,7 +311,7 @@ def _tokenize_chats(ds: Dataset, tokenizer: Any, mode: str, add_generation_promp
 def _encode_chat(
     messages: list[dict[str, str]], tokenizer: Any, mode: str, add_generation_prompt: bool
 ) -> Encoded:
-    ids = _encode(tokenizer, _render(tokenizer, messages, add_generation_prompt))
+    ids = encode_text(tokenizer, _render(tokenizer, messages, add_generation_prompt))
     if mode in ("all", "none"):
         return ids, [int(mode == "all")] * len(ids)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -342,7 +343,7 @@ def _assistant_span(
             "through this assistant turn does not start with the generation prompt rendered "
             "before it, so the assistant tokens cannot be located"
         )
-    prompt_ids, upto_ids = _encode(tokenizer, prompt), _encode(tokenizer, upto)
+    prompt_ids, upto_ids = encode_text(tokenizer, prompt), encode_text(tokenizer, upto)
     if full_ids[: len(upto_ids)] != upto_ids:
         raise DataError(
             f"chat template is not prefix-stable at message {turn}: tokens of the conversation "
@@ -441,8 +442,8 @@ def tokenize_prompt_answer(
                 f"example {i}: 'prompt' must be a string or a list of messages and 'answer' a "
                 f"non-empty string, got {type(prompt).__name__} / {type(answer).__name__}"
             )
-        prompt_ids = _encode(tokenizer, prompt)
-        ids = _encode(tokenizer, prompt + answer)
+        prompt_ids = encode_text(tokenizer, prompt)
+        ids = encode_text(tokenizer, prompt + answer)
         start = _common_prefix_length(prompt_ids, ids)
         if start == 0:
             raise DataError(f"example {i}: the prompt is empty; nothing predicts the answer")

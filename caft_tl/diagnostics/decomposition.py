@@ -147,7 +147,7 @@ def training_decomposition(
     by each seed. Summarise with :func:`decomposition_table`; plot with
     :func:`decomposition_figure`.
     """
-    from caft_tl.compare import _run, mean_batches
+    from caft_tl.compare import mean_batches, run_condition
     from caft_tl.evals import evaluate_splits
 
     if not seeds or len(set(seeds)) != len(seeds):
@@ -172,7 +172,7 @@ def training_decomposition(
         else:
             folder = out / "runs" / f"s{seed}" / name
             run_cfg = dataclasses.replace(cfg, seed=seed, progress=False)
-            model = _run(base, train, run_cfg, interventions[name], None, folder)
+            model = run_condition(base, train, run_cfg, interventions[name], None, folder)
             evals = evaluate_splits(model, eval_data)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, json.dumps(evals, indent=2) + "\n")

@@ -74,10 +74,9 @@ def diagnostics_report(
 ) -> Path:
     """Write ``path`` (HTML) from an :class:`AblationShift`, a :class:`SteeringSweep` (with
     its sign report) and a :func:`training_decomposition` table: any subset of them."""
-    import plotly.offline
 
+    from caft_tl._html import document, plotly_script
     from caft_tl.diagnostics.decomposition import decomposition_figure, decomposition_table
-    from caft_tl.viz import _CSS
 
     if shift is None and sweep is None and decomposition is None:
         raise ValueError("nothing to report: give shift, sweep and/or decomposition")
@@ -112,13 +111,7 @@ def diagnostics_report(
         parts.append(_fig(decomposition_figure(decomposition)))
         table = decomposition_table(decomposition)
         parts.append(table.to_html(classes="tbl", border=0, float_format=lambda x: f"{x:.3f}"))
-    page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style><script>{plotly.offline.get_plotlyjs()}</script></head><body>"
-        + "\n".join(parts)
-        + "</body></html>\n"
-    )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, page)
+    write_text_atomic(out, document(title, "\n".join(parts), head=plotly_script()))
     return out

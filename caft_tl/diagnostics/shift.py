@@ -38,7 +38,7 @@ from caft_tl._io import load_frames, now_iso, save_frames
 from caft_tl.activations import stop_layer
 from caft_tl.data.chat import pad_id
 from caft_tl.directions.concepts import ConceptSet, check_hook_widths
-from caft_tl.directions.sae import _sae_hook
+from caft_tl.directions.sae import sae_hook_name
 from caft_tl.interventions import Ablation
 
 __all__ = ["AblationShift", "ablation_shift"]
@@ -83,7 +83,7 @@ def _sae_dict(saes: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for sae in saes:
         try:
-            hook = _sae_hook(sae, None)  # where SAE-Lens records it, as the rankers read it
+            hook = sae_hook_name(sae, None)  # where SAE-Lens records it, as the rankers read it
         except ValueError:
             raise ValueError("an SAE records no hook_name; pass saes={hook: sae}") from None
         if hook in out:
@@ -155,11 +155,11 @@ def _token_batches(
     model: HookedTransformer, data: Any, batch_size: int, max_length: int | None, skip_first: bool
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """(tokens, attention mask, measured positions) per batch."""
-    from caft_tl.diagnostics.steering import _batches, _prepare
+    from caft_tl.diagnostics.steering import input_batches, prepare_inputs
 
-    prep = _prepare(model, data, max_length)
+    prep = prepare_inputs(model, data, max_length)
     out = []
-    for _, batch in _batches(prep, batch_size, pad_id(model.tokenizer), "cpu"):
+    for _, batch in input_batches(prep, batch_size, pad_id(model.tokenizer), "cpu"):
         mask = batch["attention_mask"].bool()
         if skip_first:
             mask[:, 0] = False  # the first token's activations are outliers in most models

@@ -41,6 +41,7 @@ from transformer_lens import HookedTransformer
 from caft_tl._io import load_frames, now_iso, save_frames
 from caft_tl.data.chat import DataError, collate, pad_id
 from caft_tl.directions.concepts import ConceptSet, check_hook_widths
+from caft_tl.errors import InputKeyError
 from caft_tl.evals.judges import Judge
 from caft_tl.interventions import Ablation, Intervention, Steering, mean_activations
 
@@ -66,7 +67,7 @@ JudgeLike = Judge | Callable[[Sequence[str], Sequence[str]], Sequence[float | No
 
 
 @dataclass
-class _Prepared:
+class PreparedInputs:
     """Tokenised data plus, per kind, what is scored."""
 
     kind: str  # "multiple_choice" | "text"
@@ -86,26 +87,28 @@ def _is_multiple_choice(data: Any) -> bool:
     return False
 
 
-def _prepare(model: HookedTransformer, data: Any, max_length: int | None) -> _Prepared:
-    from caft_tl.evals.multiple_choice import _encoded, _prompt_text, _rows
+def prepare_inputs(model: HookedTransformer, data: Any, max_length: int | None) -> PreparedInputs:
+    """Token ids (and, for multiple-choice data, option ids and correct indices) of
+    ``data`` for the diagnostics' forward passes."""
+    from caft_tl.evals.multiple_choice import check_rows, encode_rows, prompt_text
 
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer; steering_vs_ablation needs one")
     if _is_multiple_choice(data):
-        rows = _rows(data)
-        encoded = _encoded(rows, model.tokenizer)
-        return _Prepared(
+        rows = check_rows(data)
+        encoded = encode_rows(rows, model.tokenizer)
+        return PreparedInputs(
             "multiple_choice",
             [e["input_ids"] for e in encoded],
             [e["option_ids"] for e in encoded],
             [e["correct"] for e in encoded],
-            [_prompt_text(r["prompt"], model.tokenizer, i) for i, r in enumerate(rows)],
+            [prompt_text(r["prompt"], model.tokenizer, i) for i, r in enumerate(rows)],
         )
-    from caft_tl.activations import _tokenized
+    from caft_tl.activations import tokenized_input
     from caft_tl.data import as_dataset, chat_to_text
 
     ds = as_dataset(data)
-    tokens = _tokenized(ds, model, max_length, "all")
+    tokens = tokenized_input(ds, model, max_length, "all")
     if "messages" in ds.column_names:
         render = lambda m: chat_to_text(m, model.tokenizer, add_generation_prompt=True)  # noqa: E731
         prompts = [render(m) for m in ds["messages"]]
@@ -114,12 +117,13 @@ def _prepare(model: HookedTransformer, data: Any, max_length: int | None) -> _Pr
     ids = [list(x) for x in tokens["input_ids"]]
     if any(len(x) < 2 for x in ids):
         raise DataError("every text needs at least 2 tokens to score next-token predictions")
-    return _Prepared("text", ids, prompts=prompts)
+    return PreparedInputs("text", ids, prompts=prompts)
 
 
-def _batches(
-    prep: _Prepared, batch_size: int, pad: int, device: Any
+def input_batches(
+    prep: PreparedInputs, batch_size: int, pad: int, device: Any
 ) -> Iterator[tuple[list[int], dict]]:
+    """``(row indices, padded batch on device)`` over ``prep`` in order."""
     for start in range(0, len(prep.input_ids), batch_size):
         index = list(range(start, min(start + batch_size, len(prep.input_ids))))
         batch = collate([{"input_ids": prep.input_ids[i]} for i in index], pad_token_id=pad)
@@ -183,7 +187,7 @@ def _first_layer(hooks: Sequence[str]) -> int:
 
 @torch.no_grad()
 def _prefix(
-    model: HookedTransformer, prep: _Prepared, hooks: Sequence[str], batch_size: int
+    model: HookedTransformer, prep: PreparedInputs, hooks: Sequence[str], batch_size: int
 ) -> _Prefix | None:
     layer = _first_layer(hooks)
     tokens = sum(len(ids) for ids in prep.input_ids)
@@ -192,7 +196,7 @@ def _prefix(
         return None
     device = next(model.parameters()).device
     resid = {}
-    for index, batch in _batches(prep, batch_size, pad_id(model.tokenizer), device):
+    for index, batch in input_batches(prep, batch_size, pad_id(model.tokenizer), device):
         ids, att = batch["input_ids"], batch["attention_mask"]
         resid[index[0]] = model(ids, attention_mask=att, stop_at_layer=layer)
     return _Prefix(layer, resid)
@@ -211,7 +215,7 @@ def _forward(
 @torch.no_grad()
 def _run_condition(
     model: HookedTransformer,
-    prep: _Prepared,
+    prep: PreparedInputs,
     intervention: Intervention | None,
     clean: dict[int, Tensor] | None,
     batch_size: int,
@@ -225,7 +229,7 @@ def _run_condition(
     per_example: dict[str, list[float]] = {}
     kept: dict[int, Tensor] = {}
     pad = pad_id(model.tokenizer)
-    for index, batch in _batches(prep, batch_size, pad, device):
+    for index, batch in input_batches(prep, batch_size, pad, device):
         real = batch["attention_mask"].bool()
         context = nullcontext() if intervention is None else intervention.applied(model)
         with context:
@@ -265,17 +269,17 @@ def _text_scores(
 
 def _judge_scores(
     model: HookedTransformer,
-    prep: _Prepared,
+    prep: PreparedInputs,
     intervention: Intervention | None,
     judge: JudgeLike,
     max_new_tokens: int,
 ) -> np.ndarray:
-    from caft_tl.data.chat import _encode
+    from caft_tl.data.chat import encode_text
     from caft_tl.evals.sampling import SamplingConfig, generate
 
     # Greedy, batched, with the condition's hooks on (see caft_tl.evals.sampling).
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, progress=False)
-    prompts = [_encode(model.tokenizer, p) for p in prep.prompts]
+    prompts = [encode_text(model.tokenizer, p) for p in prep.prompts]
     gens = generate(model, prompts, cfg, intervention=intervention)
     answers = [model.tokenizer.decode(g.tokens, skip_special_tokens=True) for g in gens]
     score = judge.score if hasattr(judge, "score") else judge
@@ -357,7 +361,7 @@ def steering_vs_ablation(
     check_hook_widths(model, concepts.widths)
     concepts = concepts.orthonormalised() if concepts.non_orthonormal_hooks() else concepts
     values = _check_coefs(coefs)
-    prep = _prepare(model, data, max_length)
+    prep = prepare_inputs(model, data, max_length)
     if judge is not None and prep.kind == "multiple_choice":
         raise ValueError("a judge scores free-form answers; multiple-choice data has no use for it")
     if mean is None:
@@ -389,17 +393,31 @@ def steering_vs_ablation(
                 judged = None if judge is None else judged_by(intervention)
             if judged is not None:
                 scores = {**scores, "judge_score": judged}
-            frame = pd.DataFrame(scores)
-            frame.insert(0, "example", range(len(frame)))
-            frame.insert(0, "coef", coef)
-            frame.insert(0, "condition", condition)
-            frame.insert(0, "directions", name)
-            examples.append(frame)
+            examples.append(_example_frame(scores, name, condition, coef))
             rows.append({"directions": name, "condition": condition, "coef": coef,
                          **{k: float(np.nanmean(v)) for k, v in scores.items()}})  # fmt: skip
     finally:
         model.train(was_training)
-    meta = {
+    meta = _sweep_meta(model, prep, concepts, mean, values)
+    return SteeringSweep(pd.DataFrame(rows), pd.concat(examples, ignore_index=True), meta)
+
+
+def _example_frame(
+    scores: dict[str, Any], name: str, condition: str, coef: float | None
+) -> pd.DataFrame:
+    """One condition's per-example scores, keyed by directions, condition, coef, example."""
+    frame = pd.DataFrame(scores)
+    frame.insert(0, "example", range(len(frame)))
+    frame.insert(0, "coef", coef)
+    frame.insert(0, "condition", condition)
+    frame.insert(0, "directions", name)
+    return frame
+
+
+def _sweep_meta(model, prep: PreparedInputs, concepts: ConceptSet, mean, values) -> dict:
+    """What a :class:`SteeringSweep` records besides its tables (the mean projections
+    ``Q mu`` included, so a reader can see the size of the steering vector)."""
+    return {
         "kind": prep.kind,
         "n_examples": len(prep.input_ids),
         "coefs": values,
@@ -411,15 +429,14 @@ def steering_vs_ablation(
         "model": model.cfg.model_name,
         "date": now_iso(),
     }
-    return SteeringSweep(pd.DataFrame(rows), pd.concat(examples, ignore_index=True), meta)
 
 
 def _fit_mean(model, concepts: ConceptSet, data: Any, batch_size: int, max_length) -> dict:
-    prep = data if isinstance(data, _Prepared) else _prepare(model, data, max_length)
+    prep = data if isinstance(data, PreparedInputs) else prepare_inputs(model, data, max_length)
     device = next(model.parameters()).device
 
     def batches():
-        for _, batch in _batches(prep, batch_size, pad_id(model.tokenizer), device):
+        for _, batch in input_batches(prep, batch_size, pad_id(model.tokenizer), device):
             yield {"input_ids": batch["input_ids"], "mask": batch["attention_mask"]}
 
     return mean_activations(model, concepts.hooks, batches(), batch_size=batch_size)
@@ -461,7 +478,7 @@ class SteeringSweep:
         t = self.table
         part = t[(t["directions"] == directions) & (t["condition"] == "steer")]
         if part.empty:
-            raise KeyError(f"no direction set {directions!r}; have {self.direction_sets}")
+            raise InputKeyError(f"no direction set {directions!r}; have {self.direction_sets}")
         return part.set_index("coef")[metric].sort_index()
 
     @property

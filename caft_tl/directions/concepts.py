@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from caft_tl._io import atomic_folder, now_iso, read_json, read_tensors, write_tensors
+from caft_tl.errors import InputIndexError
 
 __all__ = [
     "ConceptSet",
@@ -315,7 +316,7 @@ class ConceptSet:
             idx = [int(i) for i in indices]
             bad = [i for i in idx if not 0 <= i < d.shape[0]]
             if bad:
-                raise IndexError(
+                raise InputIndexError(
                     f"hook {hook!r} has {d.shape[0]} directions (0..{d.shape[0] - 1}); "
                     f"index {bad} out of range"
                 )

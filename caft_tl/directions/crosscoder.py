@@ -52,6 +52,7 @@ from caft_tl._io import (
 )
 from caft_tl.activations import ActivationDiff, Activations, activation_diff, check_hooks
 from caft_tl.data import DataError
+from caft_tl.errors import InputKeyError
 
 __all__ = [
     "Crosscoder",
@@ -263,7 +264,7 @@ class Crosscoder(nn.Module):
     def decoder_directions(self, model: str = "finetuned") -> Float[Tensor, "n_latents d"]:
         """Each latent's decoder row for ``model`` ("base" / "finetuned"); the per-model
         scale is a scalar, so these are also the directions in raw activation space."""
-        return self.W_dec.detach()[_model_index(model)].clone()
+        return self.W_dec.detach()[model_index(model)].clone()
 
     def info(self) -> dict[str, Any]:
         return {
@@ -278,7 +279,9 @@ class Crosscoder(nn.Module):
         }
 
 
-def _model_index(model: str, what: str = "model") -> int:
+def model_index(model: str, what: str = "model") -> int:
+    """The crosscoder's index of ``model`` (``"base"`` or ``"finetuned"``); ``what``
+    names the argument in the error."""
     if model not in MODELS:
         raise ValueError(f"{what} must be one of {MODELS}, got {model!r}")
     return MODELS.index(model)
@@ -385,7 +388,7 @@ def paired_activations(
     hook = _pick_hook(base, hook)
     for side, acts in (("base", base), ("finetuned", finetuned)):
         if hook not in acts:
-            raise KeyError(f"{hook!r} is not in the {side} activations (hooks: {acts.hooks})")
+            raise InputKeyError(f"{hook!r} is not in the {side} activations (hooks: {acts.hooks})")
         if len(acts) == 0:
             raise DataError(f"the {side} activations hold no tokens")
     if len(base) != len(finetuned):

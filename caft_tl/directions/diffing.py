@@ -45,9 +45,10 @@ from caft_tl.directions.concepts import ConceptSet, make_provenance
 from caft_tl.directions.crosscoder import (
     Crosscoder,
     PairedActivations,
-    _model_index,
+    model_index,
     paired_activations,
 )
+from caft_tl.errors import InputIndexError
 
 __all__ = ["CrosscoderDiff", "DiffThresholds", "diff_crosscoder", "latent_examples"]
 
@@ -185,7 +186,7 @@ def diff_crosscoder(
     """
     thresholds = thresholds or DiffThresholds()
     pairs = _pairs_for(cc, acts)
-    o = _model_index(owner, "owner")
+    o = model_index(owner, "owner")
     device = next(cc.parameters()).device
     direction = cc.W_dec.detach()[o]
     sums, outliers = _Sums(cc), 0
@@ -491,13 +492,13 @@ def latent_examples(
 ) -> pd.DataFrame:
     """The ``k`` rows where each latent fires most, with their context (the fired token is
     marked ``[[ ]]``; ``model`` or its tokenizer decodes tokens, else ids are shown)."""
-    from caft_tl.directions.interpret import _example_record, _visible
+    from caft_tl.directions.interpret import example_record, visible_text
 
     if not latents:
         raise ValueError("name at least one latent")
     bad = [i for i in latents if not 0 <= int(i) < cc.n_latents]
     if bad:
-        raise IndexError(f"latents {bad} out of range (0..{cc.n_latents - 1})")
+        raise InputIndexError(f"latents {bad} out of range (0..{cc.n_latents - 1})")
     pairs = _pairs_for(cc, acts)
     idx = torch.tensor([int(i) for i in latents])
     best_v = torch.full((len(idx), k), -math.inf)
@@ -522,9 +523,9 @@ def latent_examples(
         ):
             if row < 0 or value <= 0:
                 continue
-            record = _example_record(holder, pairs.base, row, value, window)
+            record = example_record(holder, pairs.base, row, value, window)
             record["activation"] = record.pop("value")
-            record["token"] = _visible(record["token"])
+            record["token"] = visible_text(record["token"])
             records.append({"latent": latent, "rank": rank, **record})
     front = ["latent", "rank", "activation", "token", "context"]
     frame = pd.DataFrame(records)

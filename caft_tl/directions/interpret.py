@@ -17,19 +17,13 @@ given (no normalisation), so for unit-norm rows the value is the scalar projecti
 
 from __future__ import annotations
 
-import email.utils
-import hashlib
 import html
 import json
 import math
 import os
 import re
-import time
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,8 +33,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from caft_tl._html import document
+from caft_tl._http import ChatClient, HTTPGaveUp, HTTPRefused, default_cache
 from caft_tl.activations import Activations, Positions, cache_activations, stop_layer
 from caft_tl.directions.concepts import ConceptSet, data_fingerprint
+from caft_tl.errors import InputIndexError
 
 __all__ = [
     "ExplainerError",
@@ -146,8 +143,9 @@ def _text(model: HookedTransformer, ids: Sequence[int]) -> str:
     return tok.decode([int(i) for i in ids])
 
 
-def _visible(s: str) -> str:
+def visible_text(s: str) -> str:
     # Newlines would break a one-line table cell or a shaded row; show them as a symbol.
+    """``s`` with newlines shown as ``↵`` (one-line table cells, shaded rows)."""
     return s.replace("\n", "↵")
 
 
@@ -156,9 +154,11 @@ def _visible(s: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _example_record(
+def example_record(
     model: HookedTransformer, acts: Activations, row: int, value: float, window: Window
 ) -> dict[str, Any]:
+    """One top example as a dict: its value, example/position, and the text before, at
+    and after the token within ``window``."""
     rows = acts.rows
     ids, at = acts.context(row, *window)
     before, token = _text(model, ids[:at]), _text(model, ids[at : at + 1])
@@ -172,7 +172,7 @@ def _example_record(
         "token": token,
         "before": before,
         "after": after,
-        "context": _visible(f"{before}{MARK[0]}{token}{MARK[1]}{after}"),
+        "context": visible_text(f"{before}{MARK[0]}{token}{MARK[1]}{after}"),
     }
 
 
@@ -193,7 +193,7 @@ def _direction_examples(
             rows = _extreme_rows(proj[:, index], k, side, allowed).tolist()
             for rank, row in enumerate(rows):
                 value = float(proj[row, index])
-                record = _example_record(model, acts, row, value, window)
+                record = example_record(model, acts, row, value, window)
                 records.append({**head, "side": side, "rank": rank, **record})
     return records
 
@@ -297,7 +297,7 @@ def _shaded_windows(
         ids, values, at = _window_values(
             model, acts, proj[:, index], concepts[hook][index], hook, int(row), window
         )
-        tokens = [_visible(t) for t in _token_strs(model, ids)]
+        tokens = [visible_text(t) for t in _token_strs(model, ids)]
         out.append({"tokens": tokens, "values": values, "at": at, "value": values[at]})
     return out
 
@@ -337,7 +337,8 @@ def shaded_examples(
     if side not in ("top", "bottom"):
         raise ValueError(f"side must be 'top' or 'bottom', got {side!r}")
     if not 0 <= index < concepts[hook].shape[0]:
-        raise IndexError(f"hook {hook!r} has {concepts[hook].shape[0]} directions, not {index}")
+        n = concepts[hook].shape[0]
+        raise InputIndexError(f"hook {hook!r} has {n} directions, not {index}")
     sub = concepts.select({hook: [index]})
     acts = _activations(model, sub, data, acts, positions, batch_size)
     proj = _project(acts, concepts, hook)
@@ -508,7 +509,7 @@ def _lens_html(lens: pd.DataFrame, hook: str, index: int) -> str:
     out = []
     for side, word in (("top", "promotes"), ("bottom", "suppresses")):
         toks = mine[mine["side"] == side].sort_values("rank")["token"]
-        spans = "".join(f"<span>{html.escape(_visible(t))}</span>" for t in toks)
+        spans = "".join(f"<span>{html.escape(visible_text(t))}</span>" for t in toks)
         out.append(f'<p class="lens">Logit lens {word}: {spans}</p>')
     return "".join(out)
 
@@ -648,16 +649,16 @@ def _page_html(
     title = title or f"ConceptSet: {concepts.provenance.get('method') or 'directions'}"
     provenance = html.escape(json.dumps(concepts.provenance, indent=2, default=str))
     scripts = "" if js is None else f"<script>{js}</script>\n{_render_script(page.elements)}"
-    return (
-        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}'
-        f"</title><style>{_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
+    body = (
+        f"<h1>{html.escape(title)}</h1>\n"
         f'<p class="meta">{html.escape(repr(concepts))}; examples from {len(acts)} tokens '
         f"of {acts.meta.get('n_examples', '?')} examples. Blue: positive projection, red: "
         "negative; the outlined token is the example.</p>\n"
         f"<details><summary>Provenance</summary><pre>{provenance}</pre></details>\n"
         + "\n".join(sections)
-        + f"\n{scripts}\n</body></html>\n"
+        + f"\n{scripts}"
     )
+    return document(title, body, css=_CSS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -919,46 +920,19 @@ class ExplainerError(RuntimeError):
     """The explainer endpoint failed or answered something unusable."""
 
 
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-
-
-def _default_cache_dir() -> Path:
-    from caft_tl.models import cache_dir
-
-    return cache_dir() / "explanations"
-
-
 class LLMExplainer:
     """Explain directions with an LLM behind an OpenAI-compatible ``/chat/completions``.
 
     ``base_url`` / ``model`` default to ``$CAFT_TL_EXPLAINER_BASE_URL`` (else OpenAI's URL)
     and ``$CAFT_TL_EXPLAINER_MODEL``; the API key is read from ``$<api_key_env>`` (no
-    Authorization header when it is unset, as local servers need none). 429, 5xx and
-    timeouts are retried ``max_retries`` times with exponential backoff (``backoff * 2**i``
-    seconds, or the server's Retry-After, at most ``max_wait``); other failures raise
-    :class:`ExplainerError` at once. Answers are cached as JSON files in ``cache_dir``
-    (default: the caft-tl user cache; ``False``: no cache), keyed by sha256 of the model
-    name and the prompt, so a rerun makes no requests.
+    Authorization header when it is unset, as local servers need none). Requests go through
+    the same client as :class:`caft_tl.evals.HTTPJudge`, with the same setting names: 429,
+    5xx, timeouts and dropped connections are retried ``max_retries`` times with
+    exponential backoff (``backoff * 2**i`` seconds, at most ``max_backoff``, jittered) or
+    the server's longer Retry-After; other failures raise :class:`ExplainerError` at once.
+    Answers are cached in ``cache``, an SQLite file (default: ``explainer-cache.sqlite`` in
+    the caft-tl user cache; ``None``: no cache), keyed by the URL and the request, so a
+    rerun makes no requests. ``requests`` counts the HTTP requests sent.
     """
 
     def __init__(
@@ -968,10 +942,11 @@ class LLMExplainer:
         api_key_env: str = "OPENAI_API_KEY",
         timeout: float = 30,
         max_retries: int = 3,
-        cache_dir: str | os.PathLike | Literal[False] | None = None,
+        cache: str | os.PathLike | None = "default",
         *,
         backoff: float = 1.0,
-        max_wait: float = 60.0,
+        max_backoff: float = 60.0,
+        requests_per_minute: float | None = None,
         temperature: float = 0.0,
         max_tokens: int = 200,
     ) -> None:
@@ -979,20 +954,22 @@ class LLMExplainer:
             base_url or os.environ.get("CAFT_TL_EXPLAINER_BASE_URL") or DEFAULT_BASE_URL
         ).rstrip("/")
         self.model = model or os.environ.get("CAFT_TL_EXPLAINER_MODEL")
-        self.api_key_env = api_key_env
-        self.timeout, self.max_retries = timeout, max_retries
-        self.backoff, self.max_wait = backoff, max_wait
         self.temperature, self.max_tokens = temperature, max_tokens
-        if cache_dir is False:
-            self.cache_dir: Path | None = None
-        else:
-            self.cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-        self.requests_made = 0  # HTTP requests sent by this object (cache hits send none)
+        if cache == "default":
+            cache = default_cache("explainer-cache.sqlite")
+        self.client = ChatClient(
+            self.base_url, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
+            backoff=backoff, max_backoff=max_backoff, requests_per_minute=requests_per_minute,
+            cache=cache,
+        )  # fmt: skip
+
+    @property
+    def requests(self) -> int:
+        """HTTP requests sent by this explainer (retries included; cache hits send none)."""
+        return self.client.requests
 
     def __repr__(self) -> str:
         return f"LLMExplainer(base_url={self.base_url!r}, model={self.model!r})"
-
-    # ---- public -------------------------------------------------------------------------
 
     def explain(
         self,
@@ -1018,96 +995,26 @@ class LLMExplainer:
         """The model's answer to ``prompt`` (with :data:`SYSTEM_PROMPT`), cached."""
         if not self.model:
             raise ExplainerError("no explainer model: pass model= or set CAFT_TL_EXPLAINER_MODEL")
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": prompt},
-        ]
-        key = hashlib.sha256(
-            json.dumps({"model": self.model, "messages": messages}, sort_keys=True).encode()
-        ).hexdigest()
-        cached = self._cache_get(key)
-        if cached is not None:
-            return cached
-        answer = self._with_retries(messages)
-        self._cache_put(key, messages, answer)
-        return answer
-
-    # ---- cache --------------------------------------------------------------------------
-
-    def _cache_get(self, key: str) -> str | None:
-        if self.cache_dir is None:
-            return None
-        path = self.cache_dir / f"{key}.json"
-        try:
-            return str(json.loads(path.read_text(encoding="utf-8"))["response"])
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            return None  # a missing or damaged entry is simply asked again
-
-    def _cache_put(self, key: str, messages: list[dict[str, str]], answer: str) -> None:
-        if self.cache_dir is None:
-            return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        entry = {"model": self.model, "messages": messages, "response": answer}
-        # One file per key, written atomically: parallel runs never corrupt each other.
-        tmp = self.cache_dir / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(entry, indent=1), encoding="utf-8")
-        tmp.replace(self.cache_dir / f"{key}.json")
-
-    # ---- HTTP ---------------------------------------------------------------------------
-
-    def _with_retries(self, messages: list[dict[str, str]]) -> str:
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self._post(messages)
-            except _Retryable as err:
-                if attempt == self.max_retries:
-                    raise ExplainerError(
-                        f"{self.base_url}/chat/completions failed {attempt + 1} times; last: {err}"
-                    ) from None
-                wait = (
-                    err.retry_after if err.retry_after is not None else (self.backoff * 2**attempt)
-                )
-                time.sleep(min(wait, self.max_wait))
-        raise AssertionError("unreachable")
-
-    def _post(self, messages: list[dict[str, str]]) -> str:
-        url = f"{self.base_url}/chat/completions"
         body = {
             "model": self.model,
-            "messages": messages,
+            "messages": [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": prompt},
+            ],
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
         }
-        headers = {"Content-Type": "application/json"}
-        if key := os.environ.get(self.api_key_env):
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(
-            url, data=json.dumps(body).encode(), headers=headers, method="POST"
-        )
-        self.requests_made += 1
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as err:
-            detail = err.read()[:500].decode("utf-8", "replace")
-            if err.code == 429 or err.code >= 500:
-                wait = _retry_after(err.headers.get("Retry-After"))
-                raise _Retryable(f"HTTP {err.code}: {detail[:200]}", wait) from None
-            raise ExplainerError(f"{url} answered HTTP {err.code}: {detail}") from None
-        except TimeoutError as err:  # socket.timeout is an alias of TimeoutError
-            raise _Retryable(f"timed out after {self.timeout} s") from err
-        except urllib.error.URLError as err:
-            if isinstance(err.reason, TimeoutError):
-                raise _Retryable(f"timed out after {self.timeout} s") from err
-            raise ExplainerError(f"cannot reach {url}: {err.reason}") from None
-        return _answer(payload, url)
+            return self.client.post(body, parse=lambda reply: _answer(reply, self.client.url))
+        except (HTTPRefused, HTTPGaveUp) as exc:
+            raise ExplainerError(str(exc)) from None
 
 
-def _answer(payload: bytes, url: str) -> str:
+def _answer(reply: Any, url: str) -> str:
     try:
-        content = json.loads(payload)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise ExplainerError(f"{url} sent no chat completion: {payload[:300]!r}") from None
+        content = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ExplainerError(f"{url} sent no chat completion: {json.dumps(reply)[:300]}") from None
     if not isinstance(content, str):
         raise ExplainerError(f"{url} sent a non-text answer: {content!r}")
     return content.strip()

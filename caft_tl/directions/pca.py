@@ -357,24 +357,8 @@ def pca(
         )
         for hook in selected
     }
-    meta = {} if isinstance(src, dict) else src.meta
-    provenance = make_provenance(
-        "pca",
-        model=model if model is not None else meta.get("model"),
-        k=k,
-        center=center,
-        assistant_only=assistant_only,
-        skip_first=skip_first and not isinstance(src, dict),
-        dtype=str(dtype).removeprefix("torch."),
-        hooks=selected,
-        n_tokens={h: f["n"] for h, f in fits.items()},
-        explained_variance={h: f["variance"] for h, f in fits.items()},
-        explained_variance_ratio={h: f["ratio"] for h, f in fits.items()},
-        total_variance={h: f["total"] for h, f in fits.items()},
-        mean_diff_norm={h: f["mean_norm"] for h, f in fits.items()},
-        source={key: meta[key] for key in _SOURCE_KEYS if key in meta},
-    )
-    provenance["data"] = _fingerprint(src)
+    settings = {"k": k, "center": center, "assistant_only": assistant_only, "dtype": dtype}
+    provenance = _provenance(src, fits, model, skip_first=skip_first, **settings)
     return ConceptSet(
         {h: f["directions"] for h, f in fits.items()},
         labels={h: [f"PC{i}" for i in range(k)] for h in fits},
@@ -422,3 +406,33 @@ def explained_variance_figure(concepts: ConceptSet, hooks: Sequence[str] | None 
         template="plotly_white",
     )
     return fig
+
+
+def _provenance(
+    src: Any,
+    fits: dict[str, dict[str, Any]],
+    model: Any,
+    *,
+    skip_first: bool,
+    dtype: Any,
+    **settings,
+) -> dict[str, Any]:
+    """What :func:`pca` records: its settings, the source's, and per hook the tokens used,
+    the explained and total variance and the norm of the mean difference."""
+    meta = {} if isinstance(src, dict) else src.meta
+    provenance = make_provenance(
+        "pca",
+        model=model if model is not None else meta.get("model"),
+        **settings,
+        skip_first=skip_first and not isinstance(src, dict),
+        dtype=str(dtype).removeprefix("torch."),
+        hooks=list(fits),
+        n_tokens={h: f["n"] for h, f in fits.items()},
+        explained_variance={h: f["variance"] for h, f in fits.items()},
+        explained_variance_ratio={h: f["ratio"] for h, f in fits.items()},
+        total_variance={h: f["total"] for h, f in fits.items()},
+        mean_diff_norm={h: f["mean_norm"] for h, f in fits.items()},
+        source={key: meta[key] for key in _SOURCE_KEYS if key in meta},
+    )
+    provenance["data"] = _fingerprint(src)
+    return provenance

@@ -60,6 +60,7 @@ from caft_tl.activations import (
 )
 from caft_tl.data import DataError, batches, pad_id, tokenize
 from caft_tl.directions.concepts import ConceptSet, data_fingerprint, make_provenance
+from caft_tl.errors import InputKeyError
 from caft_tl.models import HubUnavailableError, ModelLoadError, looks_like_no_hub
 
 if TYPE_CHECKING:
@@ -225,7 +226,7 @@ def _provider(
     batch_size = cfg.batch_size
     if isinstance(source, Activations):
         if hook not in source:
-            raise KeyError(f"{hook!r} is not in the given activations (hooks: {source.hooks})")
+            raise InputKeyError(f"{hook!r} is not in the given activations (hooks: {source.hooks})")
         chunks = functools.partial(_activation_rows, source, hook, cfg.skip_first_token)
         return _shuffled_batches(chunks, batch_size, generator)
     if isinstance(source, Tensor):
@@ -532,7 +533,8 @@ def _load_pretrained(release: str, sae_id: str | None, device: str, dtype: str) 
 # --------------------------------------------------------------------------------------------
 
 
-def _sae_hook(sae: SAE, hook: str | None) -> str:
+def sae_hook_name(sae: SAE, hook: str | None) -> str:
+    """``hook``, or the hook the SAE was trained on (ValueError if it records none)."""
     hook = hook or sae.cfg.metadata.hook_name
     if not hook:
         raise ValueError("the SAE records no hook_name: pass hook=")
@@ -677,7 +679,7 @@ def rank_by_mean_diff(
     ``targets_only`` averages over target tokens (assistant tokens of chat data, every
     token of texts). Pass ``acts=activation_diff(..., return_both=True)`` to reuse a cache.
     """
-    hook = _sae_hook(sae, hook)
+    hook = sae_hook_name(sae, hook)
     if acts is None:
         if base is None or finetuned is None or data is None:
             raise ValueError("rank_by_mean_diff needs base, finetuned and data, or acts=")
@@ -786,7 +788,7 @@ def rank_by_diff_encoding(
     ``diff_acts``: the ``diff`` of :func:`caft_tl.activation_diff` (or the ActivationDiff),
     or a tensor of differences ``[n, d]`` / ``[d]``.
     """
-    hook = _sae_hook(sae, hook)
+    hook = sae_hook_name(sae, hook)
     if mode not in ("linear", "encode"):
         raise ValueError(f"mode must be 'linear' or 'encode', got {mode!r}")
     if isinstance(diff_acts, ActivationDiff):
@@ -809,7 +811,7 @@ def rank_by_diff_encoding(
 
 def _diff_scores(sae, diff_acts, hook, mode, targets_only) -> tuple[Tensor, int]:
     if isinstance(diff_acts, Activations) and hook not in diff_acts:
-        raise KeyError(f"{hook!r} is not in the activations (hooks: {diff_acts.hooks})")
+        raise InputKeyError(f"{hook!r} is not in the activations (hooks: {diff_acts.hooks})")
     if mode == "linear":
         if isinstance(diff_acts, Tensor):
             rows = diff_acts.reshape(-1, diff_acts.shape[-1]).double()
@@ -920,7 +922,7 @@ def rank_by_attribution(
     first, as the reference does. Because L is the mean over the whole data set (not a
     mean of per-batch means), scores do not depend on ``batch_size``.
     """
-    hook = _sae_hook(sae, hook)
+    hook = sae_hook_name(sae, hook)
     if positions not in ("target", "all"):
         raise ValueError(f"positions must be 'target' or 'all', got {positions!r}")
     check_hooks(model, hook)
@@ -966,7 +968,7 @@ def _attribution_sums(sae, model, hook, ds, positions, scale, batch_size, progre
 # --------------------------------------------------------------------------------------------
 
 
-def _latent_id(label: str, what: str = "union_top") -> int:
+def latent_id(label: str, what: str = "union_top") -> int:
     """The id in a ``"latent <id>"`` row label (SAE rankings and crosscoder ConceptSets)."""
     match = _LABEL.match(label)
     if match is None:
@@ -1025,7 +1027,7 @@ def union_top(rankings: Sequence[ConceptSet], n: int = 100) -> ConceptSet:
 
 
 def _add(entries, hook: str, cs: ConceptSet, rank: int, method: str) -> None:
-    latent = _latent_id(cs.labels[hook][rank])
+    latent = latent_id(cs.labels[hook][rank])
     direction = cs[hook][rank]
     at_hook = entries.setdefault(hook, {})
     if latent not in at_hook:

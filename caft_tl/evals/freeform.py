@@ -31,6 +31,7 @@ import pandas as pd
 from transformer_lens import HookedTransformer
 
 from caft_tl._io import atomic_folder, now_iso, read_json
+from caft_tl.errors import InputKeyError
 from caft_tl.evals.judges import Judge, judge_samples
 from caft_tl.evals.questions import Question, questions
 from caft_tl.evals.sampling import SamplingConfig, sample
@@ -208,7 +209,7 @@ def aggregate(
     df = _frames(evals)
     missing = {aligned, coherent, "label", "seed", *by} - set(df.columns)
     if missing:
-        raise KeyError(
+        raise InputKeyError(
             f"no column(s) {sorted(missing)} in the samples; judge them with judges named "
             f"{aligned!r} and {coherent!r} (or pass aligned= / coherent=)"
         )

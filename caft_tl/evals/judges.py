@@ -17,21 +17,13 @@ there is no score (``None``), so a refusal is not averaged in as a number.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import random
 import re
-import sqlite3
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import pandas as pd
@@ -41,7 +33,9 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from caft_tl.data.chat import _encode, chat_to_text, collate
+from caft_tl._http import ChatClient, HTTPGaveUp, HTTPRefused, default_cache
+from caft_tl.data.chat import chat_to_text, collate, encode_text
+from caft_tl.errors import InputKeyError
 from caft_tl.evals.sampling import prefill
 
 __all__ = [
@@ -224,60 +218,6 @@ class _ScoringJudge:
 # --------------------------------------------------------------------------- HTTP judge
 
 
-class _RateLimiter:
-    """Spaces request starts at least ``60 / per_minute`` seconds apart, across threads."""
-
-    def __init__(self, per_minute: float | None) -> None:
-        self.interval = 0.0 if not per_minute else 60.0 / per_minute
-        self.next = 0.0
-        self.lock = threading.Lock()
-
-    def wait(self) -> None:
-        if not self.interval:
-            return
-        with self.lock:
-            now = time.monotonic()
-            start = max(now, self.next)
-            self.next = start + self.interval
-        time.sleep(max(0.0, start - now))
-
-
-class _Cache:
-    """Replies by request hash in SQLite: each is committed as it arrives, so a killed run
-    keeps what it had paid for."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.lock = threading.Lock()
-        self.db = sqlite3.connect(str(path), check_same_thread=False, timeout=60)
-        with self.lock, self.db:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(
-                "CREATE TABLE IF NOT EXISTS replies "
-                "(key TEXT PRIMARY KEY, reply TEXT, created TEXT)"
-            )
-
-    def get(self, key: str) -> Any | None:
-        with self.lock:
-            row = self.db.execute("SELECT reply FROM replies WHERE key = ?", (key,)).fetchone()
-        return None if row is None else json.loads(row[0])
-
-    def put(self, key: str, reply: Any) -> None:
-        with self.lock, self.db:
-            self.db.execute(
-                "INSERT OR REPLACE INTO replies VALUES (?, ?, datetime('now'))",
-                (key, json.dumps(reply)),
-            )
-
-    def __len__(self) -> int:
-        with self.lock:
-            return self.db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
-
-
-_RETRY_STATUS = {408, 409, 425, 429}
-
-
 class HTTPJudge(_ScoringJudge):
     """A judge behind an OpenAI-compatible ``/chat/completions`` endpoint.
 
@@ -312,22 +252,24 @@ class HTTPJudge(_ScoringJudge):
         extra_body: Mapping[str, Any] | None = None,
     ) -> None:
         self._setup(rubric, min_mass)
-        if max_workers < 1 or max_retries < 0 or timeout <= 0:
-            raise ValueError("need max_workers >= 1, max_retries >= 0 and timeout > 0")
+        if max_workers < 1:
+            raise ValueError(f"need max_workers >= 1, got {max_workers}")
         base = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-        self.url = base.rstrip("/") + "/chat/completions"
-        self.model, self.api_key_env, self.top_logprobs = model, api_key_env, top_logprobs
-        self.timeout, self.max_retries = timeout, max_retries
-        self.backoff, self.max_backoff = backoff, max_backoff
-        self.limiter = _RateLimiter(requests_per_minute)
+        if cache == "default":
+            cache = default_cache("judge-cache.sqlite")
+        self.client = ChatClient(
+            base, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
+            backoff=backoff, max_backoff=max_backoff, requests_per_minute=requests_per_minute,
+            cache=cache,
+        )  # fmt: skip
+        self.url, self.model, self.top_logprobs = self.client.url, model, top_logprobs
         self.max_workers, self.progress = max_workers, progress
         self.extra_body = dict(extra_body or {})
-        if cache == "default":
-            from caft_tl.models import cache_dir
 
-            cache = cache_dir() / "judge-cache.sqlite"
-        self.cache = None if cache is None else _Cache(Path(cache))
-        self.requests = 0  # HTTP requests sent (retries included): what the cache saves
+    @property
+    def requests(self) -> int:
+        """HTTP requests sent (retries included): what the cache saves."""
+        return self.client.requests
 
     def __repr__(self) -> str:
         return f"HTTPJudge({self.model!r}, {self.rubric.name!r}, url={self.url!r})"
@@ -344,19 +286,10 @@ class HTTPJudge(_ScoringJudge):
             **self.extra_body,
         }
 
-    def _key(self, body: Mapping[str, Any]) -> str:
-        return hashlib.sha256(json.dumps([self.url, body], sort_keys=True).encode()).hexdigest()
-
     def judgements(self, questions: Sequence[str], answers: Sequence[str]) -> list[Judgement]:
         bodies = [self._body(p) for p in self._check(questions, answers)]
-        replies: list[Any] = [None] * len(bodies)
-        todo = []
-        for i, body in enumerate(bodies):
-            cached = None if self.cache is None else self.cache.get(self._key(body))
-            if cached is None:
-                todo.append(i)
-            else:
-                replies[i] = cached
+        replies: list[Any] = [self.client.cached(body) for body in bodies]
+        todo = [i for i, reply in enumerate(replies) if reply is None]
         if todo:
             self._fetch_all(bodies, todo, replies)
         r = self.rubric
@@ -367,9 +300,10 @@ class HTTPJudge(_ScoringJudge):
                    disable=not self.progress)  # fmt: skip
 
         def one(i: int) -> None:
-            replies[i] = self._fetch(bodies[i])
-            if self.cache is not None:
-                self.cache.put(self._key(bodies[i]), replies[i])
+            try:
+                replies[i] = self.client.post(bodies[i], parse=_top_logprobs)
+            except (HTTPRefused, HTTPGaveUp) as exc:
+                raise JudgeError(str(exc)) from None
             bar.update()
 
         with bar, ThreadPoolExecutor(self.max_workers) as pool:
@@ -380,53 +314,6 @@ class HTTPJudge(_ScoringJudge):
             for f in done:
                 if f.exception() is not None:
                     raise f.exception()  # what finished before is cached already
-
-    def _fetch(self, body: dict[str, Any]) -> list[tuple[str, float]]:
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            self.limiter.wait()
-            wait_for = None
-            try:
-                return _top_logprobs(self._post(body))
-            except urllib.error.HTTPError as exc:
-                text = exc.read().decode("utf-8", "replace")[:500]
-                if exc.code not in _RETRY_STATUS and exc.code < 500:
-                    raise JudgeError(self._refused(exc.code, text)) from None
-                last, wait_for = f"HTTP {exc.code}: {text}", _retry_after(exc.headers)
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            except json.JSONDecodeError as exc:
-                last = f"reply was not JSON ({exc})"
-            if attempt < self.max_retries:
-                delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1)
-                time.sleep(max(delay, wait_for or 0.0))
-        raise JudgeError(f"{self.url}: gave up after {self.max_retries + 1} attempts ({last})")
-
-    def _refused(self, code: int, text: str) -> str:
-        hint = ""
-        if code in (401, 403):
-            has = "is set" if os.environ.get(self.api_key_env) else "is not set"
-            hint = f" (the key comes from ${self.api_key_env}, which {has})"
-        return f"{self.url} refused the request: HTTP {code}{hint}: {text}"
-
-    def _post(self, body: dict[str, Any]) -> Any:
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(
-            self.url, data=json.dumps(body).encode(), headers=headers, method="POST"
-        )
-        self.requests += 1
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            return json.loads(response.read().decode("utf-8"))
-
-
-def _retry_after(headers: Any) -> float | None:
-    try:
-        return float(headers.get("Retry-After")) if headers is not None else None
-    except (TypeError, ValueError):
-        return None
 
 
 def _top_logprobs(reply: Any) -> list[tuple[str, float]]:
@@ -448,7 +335,7 @@ def _number_tree(tokenizer: Any, low: int, high: int) -> dict[tuple[int, ...], i
     """Token sequence -> number, for every number in [low, high] as the tokenizer writes it."""
     tree = {}
     for n in range(low, high + 1):
-        ids = tuple(_encode(tokenizer, str(n)))
+        ids = tuple(encode_text(tokenizer, str(n)))
         if ids:
             tree.setdefault(ids, n)  # "07"-style spellings are not asked for
     return tree
@@ -496,7 +383,7 @@ class LocalJudge(_ScoringJudge):
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         tok = self.model.tokenizer
-        ids = _encode(tok, chat_to_text([{"role": "user", "content": prompt}], tok))
+        ids = encode_text(tok, chat_to_text([{"role": "user", "content": prompt}], tok))
         deepest = max(len(p) for p in self.prefixes)
         if len(ids) + deepest > self.max_length:
             # Keep the rubric's instructions at the end: cut the middle of the prompt.
@@ -574,7 +461,7 @@ def judge_samples(
         judges = {getattr(getattr(judges, "rubric", None), "name", "score"): judges}
     missing = {question, answer} - set(samples.columns)
     if missing:
-        raise KeyError(f"samples have no column(s) {sorted(missing)}")
+        raise InputKeyError(f"samples have no column(s) {sorted(missing)}")
     out = samples.copy()
     qs, ans = out[question].astype(str).tolist(), out[answer].fillna("").astype(str).tolist()
     for name, judge in judges.items():

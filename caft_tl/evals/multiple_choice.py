@@ -28,14 +28,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from caft_tl.data.chat import DataError, chat_to_text, collate, pad_id
+from caft_tl.data.chat import DataError, chat_to_text, collate, encode_text, pad_id
 
 __all__ = ["evaluate_splits", "multiple_choice", "option_token_ids", "summarise"]
 
 DEFAULT_GROUPS = ("split", "task")
 
 
-def _rows(data: Any) -> list[dict[str, Any]]:
+def check_rows(data: Any) -> list[dict[str, Any]]:
+    """``data``'s rows as dicts, each checked for ``prompt``/``answer``/``options`` and an
+    answer among its options (DataError naming the example otherwise)."""
     if isinstance(data, Dataset):
         rows = data.to_list()
     elif isinstance(data, Sequence) and not isinstance(data, str):
@@ -55,7 +57,8 @@ def _rows(data: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _prompt_text(prompt: Any, tokenizer: Any, i: int) -> str:
+def prompt_text(prompt: Any, tokenizer: Any, i: int) -> str:
+    """Example ``i``'s prompt as text: chat messages rendered with the generation prompt."""
     if isinstance(prompt, list):
         return chat_to_text(prompt, tokenizer, add_generation_prompt=True)
     if not isinstance(prompt, str) or not prompt:
@@ -63,19 +66,15 @@ def _prompt_text(prompt: Any, tokenizer: Any, i: int) -> str:
     return prompt
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def option_token_ids(tokenizer: Any, prompt: str, options: Sequence[str]) -> list[int]:
     """The first token each option adds after ``prompt`` (found on the joined text, as
     training tokenises prompt + answer). Multi-token options (" South America") are scored
     by their first token, so the options' first tokens must differ: a clear error if not,
     or if an option merges with the end of the prompt."""
-    prompt_ids = _encode(tokenizer, prompt)
+    prompt_ids = encode_text(tokenizer, prompt)
     ids = []
     for option in options:
-        joined = _encode(tokenizer, prompt + option)
+        joined = encode_text(tokenizer, prompt + option)
         if joined[: len(prompt_ids)] != prompt_ids or len(joined) == len(prompt_ids):
             raise DataError(
                 f"option {option!r} merges with the end of the prompt into one token; "
@@ -90,17 +89,18 @@ def option_token_ids(tokenizer: Any, prompt: str, options: Sequence[str]) -> lis
     return ids
 
 
-def _encoded(rows: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+def encode_rows(rows: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+    """Each row's prompt ids, its options' first-token ids and the correct option's index."""
     cache: dict[tuple[str, ...], list[int]] = {}
     out = []
     for i, row in enumerate(rows):
-        prompt = _prompt_text(row["prompt"], tokenizer, i)
+        prompt = prompt_text(row["prompt"], tokenizer, i)
         key = (prompt[-16:], *row["options"])  # options' tokens depend only on the prompt's end
         if key not in cache:
             cache[key] = option_token_ids(tokenizer, prompt, row["options"])
         out.append(
             {
-                "input_ids": _encode(tokenizer, prompt),
+                "input_ids": encode_text(tokenizer, prompt),
                 "option_ids": cache[key],
                 "correct": row["options"].index(row["answer"]),
             }
@@ -203,8 +203,8 @@ def multiple_choice(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rows = _rows(data)
-    encoded = _encoded(rows, model.tokenizer)
+    rows = check_rows(data)
+    encoded = encode_rows(rows, model.tokenizer)
     was_training = model.training
     model.eval()
     applied = nullcontext() if intervention is None else intervention.applied(model)

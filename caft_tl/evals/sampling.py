@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from caft_tl.data.chat import _encode, chat_to_text, collate, pad_id
+from caft_tl.data.chat import chat_to_text, collate, encode_text, pad_id
 from caft_tl.evals.questions import Question, expand, questions
 from caft_tl.models import logits_from_residual
 
@@ -232,7 +232,7 @@ def prompt_tokens(model: HookedTransformer, messages: Sequence[Mapping[str, str]
     """A chat rendered with the template's generation prompt, as token ids."""
     if model.tokenizer is None:
         raise ValueError("sampling from questions needs a model with a tokenizer")
-    return _encode(model.tokenizer, chat_to_text(messages, model.tokenizer))
+    return encode_text(model.tokenizer, chat_to_text(messages, model.tokenizer))
 
 
 def sample(
