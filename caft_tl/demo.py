@@ -97,6 +97,34 @@ class DemoConfig:
     learn to answer with a letter within this budget (it stays at 50%: measured, see the
     README), so the options are the words themselves; ``"letter"`` is the reference's format.
     ``keep_models`` keeps every fine-tuned model on disk (0.6 GB each for SmolLM2).
+
+    Args:
+        seeds: one fine-tune of every condition per seed (the first seed's plain model
+            gives the directions).
+        n_train, n_eval: training rows, and rows of each evaluation split (``test``, ``ood``).
+        max_steps, batch_size, lr, warmup_steps: the fine-tunes' :class:`TrainConfig`.
+        learned_less_step: the plain run's step kept as the "learned less" control (None:
+            no such control).
+        hooks: where PCA directions are looked for and ablated.
+        k_pcs: principal components computed per hook.
+        n_direction_prompts, n_chat_prompts: task prompts and generic chat prompts whose
+            activation differences the PCA sees.
+        n_hint_pairs: contrast pairs (the unwanted concept's two sides) for the hint AUROC.
+        min_auroc, n_null: a direction is kept when its separation of the hints
+            (``|AUROC - 0.5|``) reaches ``min_auroc - 0.5`` and beats every one of ``n_null``
+            random directions at its hook.
+        hint_paired: score the hints as matched pairs (the same text with the concept
+            swapped) rather than as two unpaired sets (never for continents: not minimal
+            pairs).
+        max_per_hook: most directions selected per hook.
+        fallback: when nothing passes, the best ``fallback`` directions by separation are
+            used, and the report says so.
+        sae: also run CAFT with SAE latents (an SAE trained on the base model at
+            ``sae_hook``, ``sae_width`` latents, ``sae_k`` active, ``sae_tokens`` rows);
+            ``sae_top``: latents whose mean activation fine-tuning changed most, then scored
+            on the hints like the PCs.
+        top_examples: contexts shown per selected direction in the report.
+        keep_models, test_time, variants, task, answer_format, schedule: see above.
     """
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])

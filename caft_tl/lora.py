@@ -89,6 +89,13 @@ class LoraConfig:
     ``targets`` are TransformerLens weight names (``W_K`` / ``W_V`` also cover the grouped
     ``_W_K`` / ``_W_V``); ``layers`` are block indices (``None``: all blocks). The update is
     scaled by ``alpha / r``.
+
+    Args:
+        r: the adapters' rank.
+        alpha: the scale numerator (the update is ``alpha / r * B A``).
+        targets: weights that get adapters.
+        layers: blocks that get adapters (None: all).
+        dropout: dropout on the adapters' input while training (0: none).
     """
 
     r: int = 8

@@ -129,6 +129,34 @@ class TrainConfig:
     A step sees ``batch_size * grad_accum`` examples, in forwards of at most ``batch_size``;
     under ``torchrun`` those examples are shared among the ranks, so the step is the same
     at any number of processes.
+
+    Args:
+        epochs: passes over the data (reshuffled each epoch from ``seed``).
+        max_steps: optimiser updates; overrides ``epochs`` when set.
+        lr: AdamW's peak learning rate (after warm-up).
+        weight_decay: AdamW's decoupled weight decay, on matrices only.
+        betas, eps: AdamW's moment decay rates and denominator epsilon.
+        warmup_steps, warmup_ratio: linear warm-up from 0, in steps or as a fraction of the
+            total (one of them).
+        schedule: after warm-up, ``"linear"`` decay to 0, ``"cosine"`` decay to 0, or
+            ``"constant"``.
+        batch_size: examples per forward; ``grad_accum``: forwards per optimiser update.
+        max_grad_norm: global gradient-norm clipping (None: no clipping).
+        max_length: truncate tokenised examples to this many tokens (None: the model's n_ctx).
+        seed: data order, LoRA initialisation and dropout (the caller's RNG is untouched).
+        eval_every: steps between evaluations of ``eval_data`` (the last step always).
+        eval_batch_size: examples per evaluation forward (default ``batch_size``).
+        save_every: steps between checkpoints in ``out/checkpoint`` (the last step always).
+        keep_intervention_at_eval: evaluate with the intervention on (default off: the
+            evaluation sees the model as it will be used).
+        padding_side: batches are right-padded (the only side the masked loss supports).
+        device: where to train (default the model's; under torchrun each rank's device).
+        in_place: train the given model itself instead of a copy.
+        progress: show a tqdm bar.
+        lora: train LoRA adapters (:class:`caft_tl.LoraConfig`) instead of every weight.
+        keep_checkpoints: steps whose model is saved as ``out/step-N/``.
+        gradient_checkpointing: recompute each block in the backward pass.
+        fsdp: shard weights, gradients and optimiser state over torchrun's ranks.
     """
 
     epochs: int = 1

@@ -115,3 +115,34 @@ def test_no_function_longer_than_a_screen_and_a_half():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
     assert long == []
+
+
+def test_config_dataclasses_document_every_field():
+    import dataclasses
+    import inspect
+    import re
+
+    from caft_tl.demo import DemoConfig
+    from caft_tl.directions.crosscoder import CrosscoderConfig
+    from caft_tl.directions.sae import SAEConfig
+    from caft_tl.evals.sampling import SamplingConfig
+    from caft_tl.lora import LoraConfig
+    from caft_tl.train import TrainConfig
+
+    undocumented = {}
+    for cls in (TrainConfig, DemoConfig, LoraConfig, SamplingConfig, CrosscoderConfig, SAEConfig):
+        doc = inspect.getdoc(cls) or ""
+        # "name:" or "a, name, b:" at the start of an Args line, or ``name`` in the prose.
+        listed = {
+            name.strip()
+            for line in re.findall(r"^\s*([\w, ]+):", doc, flags=re.M)
+            for name in line.split(",")
+        }
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in listed and f"``{f.name}``" not in doc
+        ]
+        if missing:
+            undocumented[cls.__name__] = missing
+    assert undocumented == {}

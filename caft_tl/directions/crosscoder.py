@@ -108,7 +108,10 @@ class CrosscoderConfig(TokenBudget):
         skip_first_token: leave each example's first token out (an attention sink with norms
             tens of times the others', it would dominate the loss).
         checkpoint_every: steps between atomic checkpoints (0: only at the end).
+        log_every: steps between entries of the training log (``meta["log"]``).
+        l1_warmup_fraction, warmup_steps, lr_decay_fraction: see ``l1_coefficient``, ``lr``.
         seed: weights and shuffling (the global torch RNG is not touched).
+        device: where to train (default: the base model's device; CPU without one).
     """
 
     architecture: Architecture = "batchtopk"

@@ -34,8 +34,17 @@ __all__ = ["Generation", "SamplingConfig", "generate", "sample", "stop_token_ids
 
 @dataclass
 class SamplingConfig:
-    """How to sample: ``n_samples`` answers per (question, paraphrase, system prompt);
-    ``temperature`` 0 decodes greedily; ``top_p`` < 1 samples from the nucleus."""
+    """How to sample answers.
+
+    Args:
+        n_samples: answers per (question, paraphrase, system prompt).
+        temperature: softmax temperature; 0 decodes greedily.
+        top_p: nucleus sampling threshold (1: the whole distribution).
+        max_new_tokens: the longest answer, in tokens.
+        batch_size: prompts decoded together.
+        seed: the sampling RNG (answers repeat for the same seed and batch layout).
+        progress: show a tqdm bar.
+    """
 
     n_samples: int = 10
     temperature: float = 1.0
