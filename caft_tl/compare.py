@@ -25,7 +25,7 @@ from typing import Any
 
 from transformer_lens import HookedTransformer
 
-from caft_tl.data import batches, pad_id, prepare_data
+from caft_tl.data import mask_batches
 from caft_tl.directions.baselines import random_directions, top_k
 from caft_tl.directions.concepts import ConceptSet
 from caft_tl.interventions import Ablation
@@ -128,7 +128,4 @@ def mean_batches(
 ):
     """Batches of ``data`` as ``Intervention.fit_mean`` takes them, over all real tokens
     (the hooks act at every position, so the mean they remove is over every position)."""
-    rows = prepare_data(data, model.tokenizer, max_length=max_length)
-    pad = pad_id(model.tokenizer)
-    for batch in batches(rows, batch_size, pad_token_id=pad, padding_side="right"):
-        yield {"input_ids": batch["input_ids"], "mask": batch["attention_mask"]}
+    return mask_batches(data, model.tokenizer, batch_size, max_length=max_length)

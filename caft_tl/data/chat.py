@@ -579,6 +579,26 @@ def batches(
         yield batch
 
 
+def mask_batches(
+    data: Any,
+    tokenizer: Any,
+    batch_size: int = 8,
+    *,
+    max_length: int | None = None,
+    skip_first: bool = False,
+) -> Iterator[dict[str, Tensor]]:
+    """``{"input_ids", "mask"}`` batches of any data :func:`prepare_data` takes, the mask
+    over every real token (``skip_first``: without each example's first token, an attention
+    sink whose activations are outliers), as mean-activation passes take them."""
+    rows = prepare_data(data, tokenizer, max_length=max_length)
+    pad = pad_id(tokenizer)
+    for batch in batches(rows, batch_size, pad_token_id=pad, padding_side="right"):
+        mask = batch["attention_mask"].clone()
+        if skip_first:
+            mask[:, 0] = 0
+        yield {"input_ids": batch["input_ids"], "mask": mask}
+
+
 def _batch_order(dataset: Dataset | Sequence[Mapping[str, Any]], by_length: bool) -> list[int]:
     if not by_length:
         return list(range(len(dataset)))

@@ -20,19 +20,13 @@ __all__ = ["mean_difference"]
 
 
 def _batches(model: HookedTransformer, texts: Sequence[str], batch_size: int, skip_first: bool):
-    from caft_tl.data import as_dataset
-    from caft_tl.data.chat import collate, pad_id, tokenize
+    from caft_tl.data import mask_batches
 
     if not texts:
         raise ValueError("mean_difference needs texts on both sides, got an empty list")
-    ds = tokenize(as_dataset(list(texts)), model.tokenizer, max_length=model.cfg.n_ctx)
-    for start in range(0, len(ds), batch_size):
-        rows = [{"input_ids": ids} for ids in ds["input_ids"][start : start + batch_size]]
-        batch = collate(rows, pad_token_id=pad_id(model.tokenizer))
-        mask = batch["attention_mask"].clone()
-        if skip_first:
-            mask[:, 0] = 0  # the first token's activations are outliers
-        yield {"input_ids": batch["input_ids"], "mask": mask}
+    return mask_batches(
+        list(texts), model.tokenizer, batch_size, max_length=model.cfg.n_ctx, skip_first=skip_first
+    )
 
 
 def mean_difference(
