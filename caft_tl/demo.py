@@ -629,9 +629,9 @@ def _variants(base: Any, concepts: Any, train: Any, cfg: DemoConfig) -> dict[str
     """``caft-pca-<variant>``: the PCA concepts under each of ``cfg.variants``."""
     if not cfg.variants:
         return {}
+    from caft_tl.activations import mean_activations
     from caft_tl.compare import mean_batches
     from caft_tl.diagnostics.decomposition import decomposition_interventions
-    from caft_tl.interventions import mean_activations
 
     mean = None
     if any(v == "mean" or v.startswith("steer") for v in cfg.variants):

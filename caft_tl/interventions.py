@@ -28,6 +28,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from caft_tl._io import atomic_folder, now_iso, read_json, read_tensors, write_tensors
+from caft_tl.activations import MeanBatch as Batch
+from caft_tl.activations import mean_activations
 from caft_tl.directions.concepts import ConceptSet, check_hook_widths
 
 __all__ = [
@@ -42,7 +44,6 @@ __all__ = [
 AblationMode = Literal["zero", "mean", "detached", "gradient"]
 HookFn = Callable[[Tensor, Any], Tensor]
 # A batch for mean fitting: tokens, (tokens, mask), or {"tokens"|"input_ids": .., "mask": ..}.
-Batch = Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor]
 
 INTERVENTION_FORMAT = "caft-tl/intervention"
 INTERVENTION_FILE = "intervention.json"
@@ -71,96 +72,6 @@ class _ProjectedGradient(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (q,) = ctx.saved_tensors
         return grad - project(grad, q), None
-
-
-# --------------------------------------------------------------------------------------------
-# Mean activations on reference data
-# --------------------------------------------------------------------------------------------
-
-
-def _batches(
-    data: Tensor | Iterable[Batch], mask: Tensor | None, batch_size: int
-) -> Iterator[tuple[Tensor, Tensor | None]]:
-    if isinstance(data, Tensor):
-        tokens = data[None] if data.ndim == 1 else data
-        if mask is not None and mask.shape != tokens.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} != tokens {tuple(tokens.shape)}")
-        for start in range(0, tokens.shape[0], batch_size):
-            part = slice(start, start + batch_size)
-            yield tokens[part], None if mask is None else mask[part]
-        return
-    if mask is not None:
-        raise ValueError("mask= goes with a token tensor; for batches, yield (tokens, mask)")
-    for item in data:
-        if isinstance(item, Tensor):
-            yield item, None
-        elif isinstance(item, Mapping):
-            tokens = item.get("tokens", item.get("input_ids"))
-            if tokens is None:
-                raise ValueError("a batch dict needs 'tokens' or 'input_ids'")
-            yield tokens, item.get("mask")
-        else:
-            tokens, batch_mask = item
-            yield tokens, batch_mask
-
-
-def _stop_layer(hooks: Iterable[str]) -> int | None:
-    """The block after the last hooked one, so a mean pass can skip the rest of the model."""
-    layers = []
-    for hook in hooks:
-        parts = hook.split(".")
-        if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
-            return None
-        layers.append(int(parts[1]))
-    return max(layers) + 1
-
-
-def mean_activations(
-    model: Any,
-    hooks: Iterable[str],
-    data: Tensor | Iterable[Batch],
-    *,
-    mask: Tensor | None = None,
-    batch_size: int = 8,
-) -> dict[str, Float[Tensor, " d"]]:
-    """Mean activation per hook over the (masked) token positions of ``data``.
-
-    ``data`` is a ``[n, pos]`` token tensor (with an optional ``[n, pos]`` ``mask``, e.g.
-    assistant tokens only) or an iterable of batches. Accumulates in float64.
-    """
-    hooks = list(hooks)
-    sums: dict[str, Tensor] = {}
-    state: dict[str, Any] = {}
-
-    def accumulate(act: Tensor, hook: Any) -> None:
-        if act.ndim != 3:
-            raise ValueError(
-                f"mean of hook {hook.name!r} needs [batch, pos, d] activations, got "
-                f"{tuple(act.shape)} (per-head hooks have no single mean vector)"
-            )
-        weighted = act.detach().to(torch.float64) * state["weights"][..., None]
-        sums[hook.name] = sums.get(hook.name, 0) + weighted.sum(dim=(0, 1))
-        state["dtype"] = act.dtype
-
-    device = next(model.parameters()).device
-    stop = _stop_layer(hooks)
-    kwargs = {} if stop is None else {"stop_at_layer": stop}
-    count = 0.0
-    with torch.no_grad(), model.hooks(fwd_hooks=[(h, accumulate) for h in hooks]):
-        for tokens, batch_mask in _batches(data, mask, batch_size):
-            tokens = tokens.to(device)
-            if batch_mask is None:
-                weights = torch.ones(tokens.shape, dtype=torch.float64, device=device)
-            else:
-                weights = batch_mask.to(device=device, dtype=torch.float64)
-            state["weights"] = weights
-            count += weights.sum().item()
-            model(tokens, return_type=None, **kwargs)
-    if count == 0:
-        raise ValueError("no token positions to average over (empty data or all-zero mask)")
-    # float32 at least: a bf16 mean would lose the precision the float64 sum bought.
-    dtype = torch.promote_types(state["dtype"], torch.float32)
-    return {h: (sums[h] / count).to(dtype) for h in hooks}
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from caft_tl._io import read_json, tidy_run, write_text_atomic
+from caft_tl.activations import mean_activations
 from caft_tl.directions.concepts import ConceptSet
-from caft_tl.interventions import Ablation, Intervention, Steering, mean_activations
+from caft_tl.interventions import Ablation, Intervention, Steering
 from caft_tl.train import TrainConfig
 
 __all__ = [

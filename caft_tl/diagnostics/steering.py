@@ -39,11 +39,12 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from caft_tl._io import load_frames, now_iso, save_frames
+from caft_tl.activations import mean_activations
 from caft_tl.data.chat import DataError, collate, pad_id
 from caft_tl.directions.concepts import ConceptSet, check_hook_widths
 from caft_tl.errors import InputKeyError
 from caft_tl.evals.judges import Judge
-from caft_tl.interventions import Ablation, Intervention, Steering, mean_activations
+from caft_tl.interventions import Ablation, Intervention, Steering
 
 __all__ = [
     "DEFAULT_COEFS",

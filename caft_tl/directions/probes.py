@@ -42,7 +42,7 @@ def mean_difference(
 ) -> ConceptSet:
     """One direction per hook: the mean activation over the tokens of ``a`` minus that over
     ``b`` (unit length with ``normalise``; its norm is kept in the set's scores)."""
-    from caft_tl.interventions import mean_activations
+    from caft_tl.activations import mean_activations
 
     if isinstance(a, str) or isinstance(b, str):
         raise TypeError("a and b are lists of texts, not single strings")
