@@ -25,15 +25,14 @@ def _lora_config(args: argparse.Namespace):
 def _train_config(args: argparse.Namespace):
     from caft_tl.train import TrainConfig
 
+    given = {
+        name: getattr(args, name)
+        for name in ("epochs", "lr", "batch_size", "grad_accum", "warmup_steps", "schedule", "seed")
+        if getattr(args, name) is not None
+    }
     return TrainConfig(
-        epochs=args.epochs,
+        **given,
         max_steps=args.max_steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        warmup_steps=args.warmup_steps,
-        schedule=args.schedule,
-        seed=args.seed,
         max_length=args.max_length,
         save_every=args.save_every,
         lora=_lora_config(args),
@@ -65,6 +64,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
     common.check_intervention_args(args)
     cfg = _train_config(args)
+    args.batch_size = cfg.batch_size  # the mean of --mode mean/steer is fitted in such batches
     data = common.read_train_data(args.data, "DATA")
     eval_data = (
         None if args.eval_data is None else common.read_train_data(args.eval_data, "--eval-data")
@@ -105,14 +105,15 @@ def add_parser(sub) -> None:
     p.add_argument("data", help="chat JSONL, prompt/answer JSONL, or .txt")
     p.add_argument("--out", required=True, help="folder for metrics, checkpoints, final model")
     common.add_intervention_args(p)
-    p.add_argument("--epochs", type=int, default=1)
+    # Unset options take TrainConfig's defaults (one copy of them, shown in its docs).
+    p.add_argument("--epochs", type=int, help="passes over DATA (TrainConfig: 1)")
     p.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, help="peak learning rate (TrainConfig: 1e-5)")
+    p.add_argument("--batch-size", type=int, help="examples per forward (TrainConfig: 8)")
+    p.add_argument("--grad-accum", type=int, help="forwards per update (TrainConfig: 1)")
+    p.add_argument("--warmup-steps", type=int, help="(TrainConfig: 0)")
+    p.add_argument("--schedule", choices=["linear", "cosine", "constant"], help="(linear)")
+    p.add_argument("--seed", type=int, help="(TrainConfig: 0)")
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     p.add_argument("--eval-data", default=None, help="held-out data, same formats as DATA")
