@@ -108,7 +108,7 @@ def test_cli_builds_the_config_and_prints_the_table(monkeypatch, tmp_path, capsy
         return results
 
     monkeypatch.setattr("caft_tl.demo.run_demo", fake_run)
-    monkeypatch.setattr(cli, "_load", lambda name, device, dtype=None: None)
+    monkeypatch.setattr("caft_tl.cli.common.load", lambda name, device, dtype=None: None)
     assert cli.main(["demo", "--quick", "--seeds", "3", "4", "--out", str(tmp_path)]) == 0
     cfg = seen["cfg"]
     assert cfg.seeds == [3, 4] and cfg.max_steps == DemoConfig.quick().max_steps
