@@ -21,7 +21,12 @@ checkpoint / resume overhead, on the embedded SmolLM2-135M-Instruct (CPU, fp32, 
    ``VmHWM`` from /proc/self/status after the step, minus the RSS before it (first step,
    which allocates AdamW's state, and a second, steady-state step). ``ru_maxrss`` is not
    used: it carries the parent's peak into a child.
-3. Checkpoints: ``finetune(out=..., save_every=1)`` timed from inside (the library's
+3. Loss paths (``--only losspaths``): the same step through each way of computing the loss,
+   on an unpadded batch (8 x 64 real tokens) and a padded one (lengths 64 down to 32,
+   right-padded), without hooks and with zero-ablation: caft-tl's masked loss
+   (``target_loss_sum``), TransformerLens's ``model(..., return_type="loss")``, and on the HF
+   model the same masked loss and HF's own ``labels=`` loss. Ratios per round, medians.
+4. Checkpoints: ``finetune(out=..., save_every=1)`` timed from inside (the library's
    checkpoint writer and reader are wrapped with timers): the time to write one checkpoint
    (weights + AdamW state + scheduler + RNG, atomically, fsynced), and the time from calling
    ``finetune`` to the end of the first step for a fresh start and for a resume.
@@ -192,6 +197,17 @@ def ours_step_fn(
     return step
 
 
+def _hf_ablation(qmat: Any):
+    """A forward hook on an HF decoder layer: ``h - (h @ Q) @ Q.T`` on its output."""
+
+    def hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = h - (h @ qmat) @ qmat.T
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    return hook
+
+
 def hf_step_fn(hf: Any, batch: dict[str, Any], q: dict[int, Any] | None, optimizer: Any):
     """The same step on the HF model; ``q``: ``{layer: Q [d, k]}`` ablated by forward hooks."""
     import torch
@@ -200,18 +216,10 @@ def hf_step_fn(hf: Any, batch: dict[str, Any], q: dict[int, Any] | None, optimiz
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    def ablate(qmat):
-        def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            h = h - (h @ qmat) @ qmat.T
-            return (h, *output[1:]) if isinstance(output, tuple) else h
-
-        return hook
-
     def step() -> dict[str, float]:
         start, cpu = time.perf_counter(), time.process_time()
         handles = [
-            hf.model.layers[i].register_forward_hook(ablate(m)) for i, m in (q or {}).items()
+            hf.model.layers[i].register_forward_hook(_hf_ablation(m)) for i, m in (q or {}).items()
         ]
         try:
             optimizer.zero_grad(set_to_none=True)
@@ -262,13 +270,7 @@ def check_equivalence(model: Any, hf: Any, batch: dict[str, Any], zero: Any, q) 
             handles = []
             if qq:
                 for layer, qmat in qq.items():
-
-                    def hook(module, args, output, qmat=qmat):
-                        h = output[0] if isinstance(output, tuple) else output
-                        h = h - (h @ qmat) @ qmat.T
-                        return (h, *output[1:]) if isinstance(output, tuple) else h
-
-                    handles.append(hf.model.layers[layer].register_forward_hook(hook))
+                    handles.append(hf.model.layers[layer].register_forward_hook(_hf_ablation(qmat)))
             try:
                 hf_logits = hf(ids, attention_mask=mask).logits
             finally:
@@ -361,6 +363,140 @@ def bench_steps(cfg: dict[str, Any]) -> dict[str, Any]:
         "ratio_plain_tl_over_hf_median": tl_vs_hf,
     }
     del model, hf, optimizer, hf_opt, steps, hf_steps, interventions, times
+    gc.collect()
+    return result
+
+
+# =============================================================================== loss paths
+
+
+def make_padded_batch(tokenizer: Any, n: int = BATCH_SIZE, seed: int = 1) -> dict[str, Any]:
+    """``n`` rows of ``SEQ_LEN`` down to about half of it, right-padded to ``SEQ_LEN`` (a
+    chat batch's shape): the loss and the attention see only real tokens."""
+    from caft_tl.data import collate, pad_id
+
+    full = make_batch(tokenizer, n, seed)
+    lengths = [SEQ_LEN - (SEQ_LEN // 2) * i // max(1, n - 1) for i in range(n)]
+    rows = [
+        {"input_ids": full["input_ids"][i, :k].tolist(), "loss_mask": [1] * k}
+        for i, k in enumerate(lengths)
+    ]
+    return collate(rows, pad_token_id=pad_id(tokenizer), padding_side="right")
+
+
+def tl_loss_step_fn(model: Any, batch: dict[str, Any], intervention: Any, optimizer: Any):
+    """A step through TransformerLens's own loss: ``model(..., return_type="loss")`` (the
+    full ``[batch, pos, vocab]`` log-softmax), with the attention mask."""
+    import torch
+
+    from caft_tl.train import applied
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def step() -> dict[str, float]:
+        start, cpu = time.perf_counter(), time.process_time()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad(), applied(intervention, model):
+            loss = model(
+                batch["input_ids"], attention_mask=batch["attention_mask"], return_type="loss"
+            )
+            loss.backward()
+            loss.item()
+        fwd_bwd = time.perf_counter() - start
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return _timings(start, cpu, fwd_bwd)
+
+    return step
+
+
+def hf_labels_step_fn(hf: Any, batch: dict[str, Any], q: dict[int, Any] | None, optimizer: Any):
+    """A step through the HF model's own loss (``labels=``, -100 on padding)."""
+    import torch
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def step() -> dict[str, float]:
+        start, cpu = time.perf_counter(), time.process_time()
+        handles = [
+            hf.model.layers[i].register_forward_hook(_hf_ablation(m)) for i, m in (q or {}).items()
+        ]
+        try:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                out = hf(batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+                out.loss.backward()
+                out.loss.item()
+        finally:
+            for handle in handles:
+                handle.remove()
+        fwd_bwd = time.perf_counter() - start
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return _timings(start, cpu, fwd_bwd)
+
+    return step
+
+
+LOSS_PATHS = {
+    "ours": "caft-tl's masked loss (target_loss_sum: logits only where a target is)",
+    "tlloss": 'TransformerLens\'s return_type="loss" (full log-softmax)',
+    "hf": "HF model, the same masked loss on its logits",
+    "hflabels": "HF model's own labels= loss",
+}
+
+
+def bench_loss_paths(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Each loss path on an unpadded (8 x 64 real tokens) and a padded batch, with no
+    intervention and with zero-ablation, interleaved as in :func:`bench_steps`."""
+    import caft_tl
+
+    print("[loss paths] loading the TransformerLens and HF models ...", flush=True)
+    model = caft_tl.load_model(device="cpu").train()
+    tok = model.tokenizer
+    batches = {"unpadded": make_batch(tok), "padded": make_padded_batch(tok)}
+    interventions = make_interventions(model, batches["unpadded"])
+    optimizer = make_optimizer(model)
+    hf, hf_opt, _, q = hf_setup(batches["unpadded"], interventions)
+    steps = {}
+    for kind, batch in batches.items():
+        for iv in ("none", "zero"):
+            intervention, qq = interventions[iv], (q if iv == "zero" else None)
+            steps[f"ours_{kind}_{iv}"] = ours_step_fn(model, batch, intervention, optimizer)
+            steps[f"tlloss_{kind}_{iv}"] = tl_loss_step_fn(model, batch, intervention, optimizer)
+            steps[f"hf_{kind}_{iv}"] = hf_step_fn(hf, batch, qq, hf_opt)
+            steps[f"hflabels_{kind}_{iv}"] = hf_labels_step_fn(hf, batch, qq, hf_opt)
+    names = list(steps)
+    for name in ("ours_unpadded_none", "hf_unpadded_none"):  # allocate the AdamW states
+        steps[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(cfg["rounds"]):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(steps[name]()["wall"])
+        print(f"[loss paths] round {r + 1}/{cfg['rounds']}", flush=True)
+
+    def ratio(num: str, den: str) -> dict[str, float]:
+        per_round = [a / b for a, b in zip(times[num], times[den], strict=True)]
+        return {"wall_median": statistics.median(per_round), "wall_min": min(per_round),
+                "wall_max": max(per_round)}  # fmt: skip
+
+    ratios = {}
+    for kind in batches:
+        for iv in ("none", "zero"):
+            ratios[f"{kind}_{iv}"] = {
+                "ours_over_hf": ratio(f"ours_{kind}_{iv}", f"hf_{kind}_{iv}"),
+                "ours_over_hflabels": ratio(f"ours_{kind}_{iv}", f"hflabels_{kind}_{iv}"),
+                "tlloss_over_hflabels": ratio(f"tlloss_{kind}_{iv}", f"hflabels_{kind}_{iv}"),
+            }
+    result = {
+        "paths": LOSS_PATHS,
+        "padded_lengths": batches["padded"]["attention_mask"].sum(1).tolist(),
+        "wall_s_median": {n: statistics.median(t) for n, t in times.items()},
+        "ratios": ratios,
+    }
+    del model, hf, optimizer, hf_opt, steps
     gc.collect()
     return result
 
@@ -601,6 +737,21 @@ def markdown_table(res: dict[str, Any]) -> str:
                         f"{q['fwd_bwd_median']:.2f}x); plain TL/HF = {h['wall_median']:.2f}x",
                     )
                 )
+    lp = res.get("loss_paths")
+    if lp:
+        for key, r in lp["ratios"].items():
+            kind, iv = key.split("_")
+            label = f"{kind} batch, {'zero-ablation' if iv == 'zero' else 'no hooks'}"
+            rows.append(
+                (
+                    f"loss paths, {label}",
+                    f"{lp['wall_s_median'][f'tlloss_{key}']:.2f} s (TL loss)",
+                    f'TL `return_type="loss"` / HF `labels=` = '
+                    f"**{r['tlloss_over_hflabels']['wall_median']:.2f}x**; ours / HF `labels=` "
+                    f"= {r['ours_over_hflabels']['wall_median']:.2f}x; ours / HF masked = "
+                    f"{r['ours_over_hf']['wall_median']:.2f}x",
+                )
+            )
     mem = res.get("memory")
     if mem:
         runs = mem["runs"]
@@ -646,7 +797,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and runs, ~4 min")
     parser.add_argument(
-        "--only", choices=["steps", "memory", "checkpoint"], action="append", help="a subset"
+        "--only",
+        choices=["steps", "losspaths", "memory", "checkpoint"],
+        action="append",
+        help="a subset",
     )
     parser.add_argument("--output", type=Path, help="JSON result path")
     parser.add_argument("--child", choices=["memory"], help=argparse.SUPPRESS)
@@ -658,7 +812,7 @@ def main() -> None:
     set_threads()
     mode = "quick" if args.quick else "full"
     cfg = MODES[mode]
-    selected = args.only or ["steps", "checkpoint", "memory"]
+    selected = args.only or ["steps", "losspaths", "checkpoint", "memory"]
     started = time.perf_counter()
     result: dict[str, Any] = {
         "mode": mode,
@@ -668,6 +822,8 @@ def main() -> None:
     }
     if "steps" in selected:
         result["steps"] = bench_steps(cfg)
+    if "losspaths" in selected:
+        result["loss_paths"] = bench_loss_paths(cfg)
     if "checkpoint" in selected:
         result["checkpoint"] = bench_checkpoint(cfg)
     if "memory" in selected:
