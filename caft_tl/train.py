@@ -741,7 +741,7 @@ def _finetune(
     plan = _plan(model, data, eval_data, cfg)
     folder = _RunFolder(out, cfg, plan.total)
     progress = folder.open(model, plan, intervention, base_fp, resume)
-    trainer = _Trainer(model, cfg, plan, intervention, folder, progress)
+    trainer = _Trainer(model, cfg, plan, intervention, progress)
     try:
         while trainer.step < plan.total:
             record = trainer.train_step()
@@ -910,7 +910,7 @@ class _RunFolder:
 class _Trainer:
     """The model, optimiser and schedule of a run, and one update at a time."""
 
-    def __init__(self, model, cfg: TrainConfig, plan: _Plan, intervention, folder, progress):
+    def __init__(self, model, cfg: TrainConfig, plan: _Plan, intervention, progress: _Progress):
         self.model, self.cfg, self.plan, self.intervention = model, cfg, plan, intervention
         self.step, self.tokens = progress.step, progress.tokens
         self.elapsed_before = progress.elapsed_before
