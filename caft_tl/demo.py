@@ -39,12 +39,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from caft_tl._io import dataclass_from_dict, now_iso, read_json, tidy_run, write_text_atomic
 from caft_tl.viz import demo_report, summary_table
+
+if TYPE_CHECKING:  # typing only: no run-time import of the directions package
+    from caft_tl.interventions import InterventionLike
 
 __all__ = ["DemoConfig", "demo_concepts", "run_demo", "summary_table"]
 
@@ -349,7 +352,9 @@ def task_data(cfg: DemoConfig) -> dict[str, Any]:
     }
 
 
-def _evaluate(model: Any, data: dict[str, Any], intervention: Any = None) -> dict[str, Any]:
+def _evaluate(
+    model: Any, data: dict[str, Any], intervention: InterventionLike | None = None
+) -> dict[str, Any]:
     from caft_tl.evals import evaluate_splits
 
     splits = {split: data[split] for split in ("test", "ood")}
@@ -357,7 +362,7 @@ def _evaluate(model: Any, data: dict[str, Any], intervention: Any = None) -> dic
 
 
 def _evaluator(
-    model_or_path: Any, data: dict[str, Any], intervention: Any = None
+    model_or_path: Any, data: dict[str, Any], intervention: InterventionLike | None = None
 ) -> Callable[[], Any]:
     def compute() -> dict[str, Any]:
         from caft_tl.models import load_model
@@ -649,12 +654,16 @@ class _Study:
         self.evals: dict[str, Any] = {}
         self.keep = [cfg.learned_less_step] if cfg.learned_less_step else []
 
-    def evaluate(self, name: str, model_or_path: Any, intervention: Any = None) -> None:
+    def evaluate(
+        self, name: str, model_or_path: Any, intervention: InterventionLike | None = None
+    ) -> None:
         path = self.out / "evals" / f"{name}.json"
         compute = _evaluator(model_or_path, self.data, intervention)
         self.evals[name] = self.log.timed("evaluate", _cached_json, path, compute)
 
-    def train(self, name: str, seed: int, intervention: Any = None, keep=()) -> Any:
+    def train(
+        self, name: str, seed: int, intervention: InterventionLike | None = None, keep=()
+    ) -> Any:
         folder = self.out / "runs" / f"s{seed}" / name
         self.log(f"{name} fine-tune, seed {seed} ({self.cfg.max_steps} steps)")
         return self.log.timed(
@@ -675,7 +684,9 @@ class _Study:
             tidy_run(folder, keep_final=keep_final, keep_all=self.cfg.keep_models)
         return model
 
-    def evaluate_with(self, name: str, model: Any, seed: int, intervention: Any) -> Any:
+    def evaluate_with(
+        self, name: str, model: Any, seed: int, intervention: InterventionLike
+    ) -> Any:
         """Evaluate the plain model of ``seed`` with ``intervention`` on; returns the model
         (trained again when needed and not given)."""
         if model is None and not _evaluated(self.out, [name]):
@@ -683,7 +694,9 @@ class _Study:
         self.evaluate(name, model, intervention)
         return model
 
-    def intervened(self, name: str, seed: int, intervention: Any, hook_on: bool) -> None:
+    def intervened(
+        self, name: str, seed: int, intervention: InterventionLike, hook_on: bool
+    ) -> None:
         """A run trained with ``intervention``, evaluated without it (and with it on)."""
         names = [f"{name}/s{seed}"] + ([f"{name}+hook/s{seed}"] if hook_on else [])
         model = None

@@ -19,9 +19,9 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
@@ -37,6 +37,7 @@ __all__ = [
     "Intervention",
     "Steering",
     "load_intervention",
+    "InterventionLike",
     "mean_activations",
     "project",
 ]
@@ -110,6 +111,15 @@ def _check_vectors(
             raise ValueError(f"{name} at hook {hook!r} contains NaN or inf")
         out[hook] = v.detach()
     return out
+
+
+@runtime_checkable
+class InterventionLike(Protocol):
+    """What training, evaluation and sampling need of an intervention: hooks on for a
+    ``with`` block and removed however it exits. :class:`Ablation` and :class:`Steering`
+    are the library's; anything with this method works in their place."""
+
+    def applied(self, model: Any) -> AbstractContextManager[Any]: ...
 
 
 class Intervention:

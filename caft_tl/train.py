@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -71,6 +71,9 @@ from caft_tl.lora import (
     merged_view,
 )
 from caft_tl.models import logits_from_residual, save_model
+
+if TYPE_CHECKING:  # typing only: no run-time import of the directions package
+    from caft_tl.interventions import InterventionLike
 
 __all__ = [
     "TrainConfig",
@@ -444,7 +447,7 @@ def evaluate_loss(
     *,
     batch_size: int = 8,
     max_length: int | None = None,
-    intervention: Any = None,
+    intervention: InterventionLike | None = None,
 ) -> float:
     """Mean cross-entropy over the target tokens of ``data`` (same rules as training)."""
     ids, masks = _trainable_rows(prepare_data(data, model.tokenizer, max_length=max_length))
@@ -452,7 +455,7 @@ def evaluate_loss(
         return _eval_rows(model, ids, masks, batch_size)
 
 
-def applied(intervention: Any, model: HookedTransformer):
+def applied(intervention: InterventionLike | None, model: HookedTransformer):
     """The intervention's hooks for a ``with`` block (removed however it exits), or nothing."""
     return nullcontext() if intervention is None else intervention.applied(model)
 
@@ -517,7 +520,7 @@ def _weights_fingerprint(model: HookedTransformer) -> str:
     return h.hexdigest()[:16]
 
 
-def _describe(intervention: Any) -> str | None:
+def _describe(intervention: InterventionLike | None) -> str | None:
     if intervention is None:
         return None
     if type(intervention).__repr__ is object.__repr__:  # the default repr holds an address
@@ -672,7 +675,7 @@ def finetune(
     data: Any,
     cfg: TrainConfig | None = None,
     *,
-    intervention: Any = None,
+    intervention: InterventionLike | None = None,
     eval_data: Any = None,
     out: str | os.PathLike | None = None,
     resume: bool = False,
@@ -729,7 +732,7 @@ def _finetune(
     data: Any,
     cfg: TrainConfig,
     *,
-    intervention: Any,
+    intervention: InterventionLike | None,
     eval_data: Any,
     out: str | os.PathLike | None,
     resume: bool,

@@ -24,7 +24,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,9 @@ from caft_tl.errors import InputKeyError
 from caft_tl.evals.judges import Judge, judge_samples
 from caft_tl.evals.questions import Question, questions
 from caft_tl.evals.sampling import SamplingConfig, sample
+
+if TYPE_CHECKING:  # typing only: no run-time import of the directions package
+    from caft_tl.interventions import InterventionLike
 
 __all__ = [
     "DENOMINATORS",
@@ -112,7 +115,7 @@ def evaluate_freeform(
     cfg: SamplingConfig | None = None,
     judges: Mapping[str, Judge] | None = None,
     *,
-    intervention: Any = None,
+    intervention: InterventionLike | None = None,
     system_prompts: Sequence[str] | None = None,
     label: str = "model",
     seed: int | None = None,

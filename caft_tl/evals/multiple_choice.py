@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -29,6 +29,9 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from caft_tl.data.chat import DataError, chat_to_text, collate, encode_text, pad_id
+
+if TYPE_CHECKING:  # typing only: no run-time import of the directions package
+    from caft_tl.interventions import InterventionLike
 
 __all__ = ["evaluate_splits", "multiple_choice", "option_token_ids", "summarise"]
 
@@ -187,7 +190,7 @@ def multiple_choice(
     model: HookedTransformer,
     data: Any,
     *,
-    intervention: Any = None,
+    intervention: InterventionLike | None = None,
     batch_size: int = 32,
     group_by: Sequence[str] = DEFAULT_GROUPS,
     return_examples: bool = False,
@@ -228,7 +231,7 @@ def evaluate_splits(
     model: HookedTransformer,
     splits: Mapping[str, Any],
     *,
-    intervention: Any = None,
+    intervention: InterventionLike | None = None,
     batch_size: int = 32,
 ) -> dict[str, dict[str, Any]]:
     """The overall numbers of :func:`multiple_choice` for each named split, e.g.

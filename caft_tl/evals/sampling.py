@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -28,6 +28,9 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from caft_tl.data.chat import chat_to_text, collate, encode_text, pad_id
 from caft_tl.evals.questions import Question, expand, questions
 from caft_tl.models import logits_from_residual
+
+if TYPE_CHECKING:  # typing only: no run-time import of the directions package
+    from caft_tl.interventions import InterventionLike
 
 __all__ = ["Generation", "SamplingConfig", "generate", "sample", "stop_token_ids"]
 
@@ -187,7 +190,7 @@ def generate(
     cfg: SamplingConfig | None = None,
     *,
     seeds: Sequence[int] | None = None,
-    intervention: Any = None,
+    intervention: InterventionLike | None = None,
     stop: set[int] | None = None,
     desc: str = "sampling",
 ) -> list[Generation]:
@@ -249,7 +252,7 @@ def sample(
     qs: str | Sequence[Question] | Any = "em",
     cfg: SamplingConfig | None = None,
     *,
-    intervention: Any = None,
+    intervention: InterventionLike | None = None,
     system_prompts: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Sample ``cfg.n_samples`` answers to every (question, paraphrase, system prompt).
