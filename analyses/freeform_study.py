@@ -27,9 +27,9 @@ import torch
 from _study import RESULTS, save
 
 import caft_tl as ct
-from caft_tl._io import tidy_run
 from caft_tl.evals import FreeformEval, LocalJudge, SamplingConfig, aggregate, evaluate_freeform
 from caft_tl.evals.sampling import generate, prompt_tokens
+from caft_tl.train import tidy_run
 
 STUDY = RESULTS / "studies" / "freeform"
 HOOK = "blocks.15.hook_resid_post"

@@ -31,28 +31,6 @@ def dataclass_from_dict(cls: type, d: Mapping[str, Any]) -> Any:
     return cls(**d)
 
 
-class TokenBudget:
-    """Mixin for training configs (dataclasses) that spend ``training_tokens`` rows in
-    batches of ``batch_size``."""
-
-    training_tokens: int
-    batch_size: int
-
-    def _check_budget(self) -> None:
-        if self.training_tokens < self.batch_size:
-            raise ValueError(
-                f"training_tokens={self.training_tokens} is less than one batch "
-                f"(batch_size={self.batch_size})"
-            )
-
-    @property
-    def steps(self) -> int:
-        return self.training_tokens // self.batch_size
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-
 # Files that mark a folder as one of ours, so overwrite=True never deletes a user's folder.
 OWN_MARKERS = (
     "freeform.json",
@@ -189,16 +167,3 @@ def load_frames(
     meta.pop("version", None)
     frames = {n: pd.read_csv(folder / f"{n}.csv", dtype={"label": str}) for n in names}
     return frames, meta
-
-
-def tidy_run(folder: Path, *, keep_final: bool, keep_all: bool) -> None:
-    """Free the disk once a fine-tuning run is evaluated: its resumable state (weights plus
-    AdamW moments, about 1.9 GB for SmolLM2) always; its kept snapshots (``step-*``) and
-    final model (0.6 GB each) unless ``keep_all``, the final one also kept with
-    ``keep_final``. run.json and metrics.jsonl stay as the run's record."""
-    doomed = [folder / "checkpoint"]
-    if not keep_all:
-        doomed += list(folder.glob("step-*")) + ([] if keep_final else [folder / "final"])
-    for path in doomed:
-        if path.is_dir():
-            shutil.rmtree(path)

@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from caft_tl._io import dataclass_from_dict, now_iso, read_json, tidy_run, write_text_atomic
+from caft_tl._io import dataclass_from_dict, now_iso, read_json, write_text_atomic
+from caft_tl.train import tidy_run
 from caft_tl.viz import demo_report, summary_table
 
 if TYPE_CHECKING:  # typing only: no run-time import of the directions package

@@ -33,6 +33,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -1084,3 +1085,16 @@ def _rank_share(index: list[int]) -> tuple[list[int], float]:
         return index, 1.0
     mine = index[dist.rank() :: dist.world_size()]
     return (mine, float(dist.world_size())) if mine else (index[:1], 0.0)
+
+
+def tidy_run(folder: Path, *, keep_final: bool, keep_all: bool) -> None:
+    """Free the disk once a fine-tuning run is evaluated: its resumable state (weights plus
+    AdamW moments, about 1.9 GB for SmolLM2) always; its kept snapshots (``step-*``) and
+    final model (0.6 GB each) unless ``keep_all``, the final one also kept with
+    ``keep_final``. run.json and metrics.jsonl stay as the run's record."""
+    doomed = [folder / "checkpoint"]
+    if not keep_all:
+        doomed += list(folder.glob("step-*")) + ([] if keep_final else [folder / "final"])
+    for path in doomed:
+        if path.is_dir():
+            shutil.rmtree(path)

@@ -29,11 +29,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from caft_tl._io import read_json, tidy_run, write_text_atomic
+from caft_tl._io import read_json, write_text_atomic
 from caft_tl.activations import mean_activations
 from caft_tl.directions.concepts import ConceptSet
 from caft_tl.interventions import Ablation, Intervention, Steering
-from caft_tl.train import TrainConfig
+from caft_tl.train import TrainConfig, tidy_run
 
 __all__ = [
     "decomposition_figure",

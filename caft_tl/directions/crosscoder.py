@@ -42,7 +42,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from caft_tl._io import (
-    TokenBudget,
     atomic_folder,
     now_iso,
     read_json,
@@ -52,6 +51,7 @@ from caft_tl._io import (
 )
 from caft_tl.activations import ActivationDiff, Activations, activation_diff, check_hooks
 from caft_tl.data import DataError
+from caft_tl.directions.budget import TokenBudget
 from caft_tl.errors import InputKeyError
 
 __all__ = [

@@ -50,7 +50,6 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from caft_tl._io import TokenBudget
 from caft_tl.activations import (
     ActivationDiff,
     Activations,
@@ -59,6 +58,7 @@ from caft_tl.activations import (
     check_hooks,
 )
 from caft_tl.data import DataError, batches, pad_id, tokenize
+from caft_tl.directions.budget import TokenBudget
 from caft_tl.directions.concepts import ConceptSet, data_fingerprint, make_provenance
 from caft_tl.errors import InputKeyError
 from caft_tl.models import HubUnavailableError, ModelLoadError, looks_like_no_hub
