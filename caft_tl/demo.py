@@ -32,10 +32,8 @@ Everything is offline and deterministic by seed. The defaults are sized for 2 CP
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +42,12 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from caft_tl._io import dataclass_from_dict, now_iso, read_json, write_text_atomic
+from caft_tl.study import Study, StudyLog
 from caft_tl.train import tidy_run
 from caft_tl.viz import demo_report, summary_table
 
 if TYPE_CHECKING:  # typing only: no run-time import of the directions package
-    from caft_tl.interventions import InterventionLike
+    pass
 
 __all__ = ["DemoConfig", "demo_concepts", "run_demo", "summary_table"]
 
@@ -211,32 +210,6 @@ class DemoConfig:
 # --------------------------------------------------------------------------------------------
 
 
-class _Log:
-    """Prints each stage with its duration and keeps the durations for results.json."""
-
-    def __init__(self, echo: bool) -> None:
-        self.echo, self.times, self.start = echo, {}, time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        if self.echo:
-            print(f"[demo {time.perf_counter() - self.start:6.0f}s] {message}", flush=True)
-
-    def timed(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        result = fn(*args, **kwargs)
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - started
-        return result
-
-
-def _cached_json(path: Path, compute: Callable[[], Any]) -> Any:
-    if path.exists():
-        return read_json(path, "demo artefact")
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(value, indent=2) + "\n")
-    return value
-
-
 def train_config(cfg: DemoConfig, seed: int, keep: Sequence[int] = ()) -> Any:
     """The :class:`TrainConfig` of one demo fine-tune (``keep``: steps to save as
     ``step-N``, for the learned-less control)."""
@@ -351,40 +324,6 @@ def task_data(cfg: DemoConfig) -> dict[str, Any]:
         "test": gen("test", cfg.n_eval),
         "ood": gen("ood", cfg.n_eval),
     }
-
-
-def _evaluate(
-    model: Any, data: dict[str, Any], intervention: InterventionLike | None = None
-) -> dict[str, Any]:
-    from caft_tl.evals import evaluate_splits
-
-    splits = {split: data[split] for split in ("test", "ood")}
-    return evaluate_splits(model, splits, intervention=intervention)
-
-
-def _evaluator(
-    model_or_path: Any, data: dict[str, Any], intervention: InterventionLike | None = None
-) -> Callable[[], Any]:
-    def compute() -> dict[str, Any]:
-        from caft_tl.models import load_model
-
-        is_path = isinstance(model_or_path, Path)
-        model = load_model(model_or_path) if is_path else model_or_path
-        return _evaluate(model, data, intervention)
-
-    return compute
-
-
-def _evaluated(out: Path, names: Sequence[str]) -> bool:
-    return all((out / "evals" / f"{name}.json").exists() for name in names)
-
-
-def _finetune(base, data, cfg: DemoConfig, seed: int, folder: Path, intervention=None, keep=()):
-    from caft_tl.compare import run_condition
-
-    return run_condition(
-        base, data["train"], train_config(cfg, seed, keep), intervention, None, folder
-    )
 
 
 def _direction_texts(model: Any, cfg: DemoConfig, data: dict[str, Any]) -> list[str]:
@@ -526,13 +465,12 @@ def demo_concepts(
     _check_config(out, cfg)
     if (out / "concepts" / "pca").exists():  # saved atomically: complete when present
         return ConceptSet.load(out / "concepts" / "pca")
-    log = _Log(echo)
+    log = StudyLog(echo)
     base = model if model is not None else log.timed("load", lambda: load_model(device="cpu"))
     data = task_data(cfg)
     seed, keep = cfg.seeds[0], [cfg.learned_less_step] if cfg.learned_less_step else []
     folder = out / "runs" / f"s{seed}" / "plain"
-    log(f"plain fine-tune, seed {seed} ({cfg.max_steps} steps)")
-    plain = log.timed("finetune", _finetune, base, data, cfg, seed, folder, keep=keep)
+    plain = _study(out, cfg, base, data, log).train("plain", seed, keep=keep)
     tidy_run(
         folder, keep_final=True, keep_all=True
     )  # resumable state only: run_demo needs the rest
@@ -560,16 +498,17 @@ def run_demo(
     cfg = cfg or DemoConfig.for_task()
     out = Path(out)
     _check_config(out, cfg)
-    log = _Log(echo)
+    log = StudyLog(echo)
     base = model if model is not None else log.timed("load", lambda: load_model(device="cpu"))
-    study = _Study(out, cfg, base, task_data(cfg), log)
+    data = task_data(cfg)
+    study = _study(out, cfg, base, data, log)
     log(f"base model: ID and OOD accuracy on {cfg.n_eval} examples each")
     study.evaluate("base", base)
 
     first = cfg.seeds[0]  # its plain model gives the directions
     plain0 = study.plain(first, keep_final=True)
     log("directions: activation differences (plain seed 0 - base), PCA")
-    texts = _direction_texts(base, cfg, study.data)
+    texts = _direction_texts(base, cfg, data)
     folder = out / "directions"
     pcs = log.timed("directions", _pca_directions, base, plain0, texts, cfg, folder / "pca")
     candidates = {"pca": pcs}
@@ -591,7 +530,7 @@ def run_demo(
         log(f"  {name}: {chosen.n_directions} directions selected{note}")
 
     ablations = {name: _ablation(chosen) for name, (chosen, _) in selected.items()}
-    variants = _variants(base, selected["pca"][0], study.data["train"], cfg)
+    variants = _variants(base, selected["pca"][0], data["train"], cfg)
     for seed in cfg.seeds:
         plain = plain0 if seed == first else None
         if cfg.test_time:
@@ -647,70 +586,14 @@ def _variants(base: Any, concepts: Any, train: Any, cfg: DemoConfig) -> dict[str
     return {f"caft-pca-{name}": intervention for name, intervention in made.items()}
 
 
-class _Study:
-    """The demo's runs and evaluations, each cached under ``out`` (see the module doc)."""
-
-    def __init__(self, out: Path, cfg: DemoConfig, base: Any, data: dict, log: _Log) -> None:
-        self.out, self.cfg, self.base, self.data, self.log = out, cfg, base, data, log
-        self.evals: dict[str, Any] = {}
-        self.keep = [cfg.learned_less_step] if cfg.learned_less_step else []
-
-    def evaluate(
-        self, name: str, model_or_path: Any, intervention: InterventionLike | None = None
-    ) -> None:
-        path = self.out / "evals" / f"{name}.json"
-        compute = _evaluator(model_or_path, self.data, intervention)
-        self.evals[name] = self.log.timed("evaluate", _cached_json, path, compute)
-
-    def train(
-        self, name: str, seed: int, intervention: InterventionLike | None = None, keep=()
-    ) -> Any:
-        folder = self.out / "runs" / f"s{seed}" / name
-        self.log(f"{name} fine-tune, seed {seed} ({self.cfg.max_steps} steps)")
-        return self.log.timed(
-            "finetune", _finetune, self.base, self.data, self.cfg, seed, folder, intervention, keep
-        )
-
-    def plain(self, seed: int, *, keep_final: bool = False, model: Any = None) -> Any:
-        """The plain run of ``seed`` evaluated (and its learned-less snapshots); returns
-        its model when it had to be trained or loaded (always with ``keep_final``)."""
-        folder = self.out / "runs" / f"s{seed}" / "plain"
-        names = [f"plain/s{seed}"] + [f"plain@step{step}/s{seed}" for step in self.keep]
-        if model is None and (keep_final or not _evaluated(self.out, names)):
-            model = self.train("plain", seed, keep=self.keep)
-        self.evaluate(names[0], model)
-        for step, name in zip(self.keep, names[1:], strict=True):
-            self.evaluate(name, folder / f"step-{step}")
-        if (folder / "run.json").exists():
-            tidy_run(folder, keep_final=keep_final, keep_all=self.cfg.keep_models)
-        return model
-
-    def evaluate_with(
-        self, name: str, model: Any, seed: int, intervention: InterventionLike
-    ) -> Any:
-        """Evaluate the plain model of ``seed`` with ``intervention`` on; returns the model
-        (trained again when needed and not given)."""
-        if model is None and not _evaluated(self.out, [name]):
-            model = self.train("plain", seed, keep=self.keep)
-        self.evaluate(name, model, intervention)
-        return model
-
-    def intervened(
-        self, name: str, seed: int, intervention: InterventionLike, hook_on: bool
-    ) -> None:
-        """A run trained with ``intervention``, evaluated without it (and with it on)."""
-        names = [f"{name}/s{seed}"] + ([f"{name}+hook/s{seed}"] if hook_on else [])
-        model = None
-        if not _evaluated(self.out, names) or self.cfg.keep_models:
-            model = self.train(name, seed, intervention)
-        self.evaluate(names[0], model)
-        if hook_on:
-            self.evaluate(names[1], model, intervention)
-        folder = self.out / "runs" / f"s{seed}" / name
-        if (folder / "run.json").exists():
-            tidy_run(folder, keep_final=False, keep_all=self.cfg.keep_models)
-        del model
-        gc.collect()
+def _study(out: Path, cfg: DemoConfig, base: Any, data: dict[str, Any], log: StudyLog) -> Study:
+    """The demo's runs on the one condition x seed runner (:class:`caft_tl.study.Study`)."""
+    keep = [cfg.learned_less_step] if cfg.learned_less_step else []
+    splits = {split: data[split] for split in ("test", "ood")}
+    return Study(
+        out, base, data["train"], splits, lambda seed, steps: train_config(cfg, seed, steps),
+        keep=keep, keep_models=cfg.keep_models, log=log,
+    )  # fmt: skip
 
 
 def _summary(evals: dict[str, Any]) -> list[dict[str, Any]]:

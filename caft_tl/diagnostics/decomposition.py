@@ -33,7 +33,7 @@ from caft_tl._io import read_json, write_text_atomic
 from caft_tl.activations import mean_activations
 from caft_tl.directions.concepts import ConceptSet
 from caft_tl.interventions import Ablation, Intervention, Steering
-from caft_tl.train import TrainConfig, tidy_run
+from caft_tl.train import TrainConfig
 
 __all__ = [
     "decomposition_figure",
@@ -148,8 +148,8 @@ def training_decomposition(
     by each seed. Summarise with :func:`decomposition_table`; plot with
     :func:`decomposition_figure`.
     """
-    from caft_tl.compare import mean_batches, run_condition
-    from caft_tl.evals import evaluate_splits
+    from caft_tl.compare import mean_batches
+    from caft_tl.study import Study
 
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
@@ -164,21 +164,15 @@ def training_decomposition(
         mean = mean_activations(base, concepts.hooks, batches)
     interventions = decomposition_interventions(concepts, mean, ks, names)
 
+    def run_config(seed: int, keep: Sequence[int]) -> TrainConfig:
+        return dataclasses.replace(cfg, seed=seed, progress=False)
+
+    study = Study(out, base, train, eval_data, run_config, keep_models=keep_models)
     rows = []
     jobs = [(seed, name) for seed in seeds for name in names]
     for seed, name in tqdm(jobs, desc="decomposition", disable=not progress):
-        path = out / "evals" / name / f"s{seed}.json"
-        if path.exists():
-            evals = read_json(path, "decomposition result")
-        else:
-            folder = out / "runs" / f"s{seed}" / name
-            run_cfg = dataclasses.replace(cfg, seed=seed, progress=False)
-            model = run_condition(base, train, run_cfg, interventions[name], None, folder)
-            evals = evaluate_splits(model, eval_data)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, json.dumps(evals, indent=2) + "\n")
-            del model
-            tidy_run(folder, keep_final=False, keep_all=keep_models)
+        study.intervened(name, seed, interventions[name])
+        evals = study.evals[f"{name}/s{seed}"]
         rows += [{"condition": name, "seed": seed, "split": s, **r} for s, r in evals.items()]
     return pd.DataFrame(rows)
 
