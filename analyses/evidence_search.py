@@ -31,6 +31,17 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 FOLDER = HERE / "results" / "evidence_search"
 DEFAULT_CANDIDATES = ["gender2:doctor|nurse"]
+# Every pre-registered candidate, in the pre-registered order (amendment 2 for the double
+# multiple-choice ones: intended pronouns first, then SUBTASKS order; first, then second).
+_SUBTASKS = ("sentiment", "verbs", "pronouns", "continents")  # ct.tasks.SUBTASKS
+_INTENDED = ("pronouns", "sentiment", "verbs", "continents")
+ALL_CANDIDATES = DEFAULT_CANDIDATES + [
+    f"dmc:{i}|{d}:{position}"
+    for i in _INTENDED
+    for d in _SUBTASKS
+    if d != i
+    for position in ("first", "second")
+]
 CRITERION = {"min_id": 0.90, "max_ood": 0.30, "min_n": 150, "seeds": [0, 1, 2]}
 SCREEN_OOD = 0.60  # seed 0 above this at every length: seeds 1-2 are not run
 DMC_N = {"train": 320, "test": 200, "ood": 200}
@@ -121,7 +132,10 @@ def settings_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 {"seed": run["seed"], "step": row["step"], **row}
             )
     table = []
-    for (name, epoch), rows in sorted(by_setting.items()):
+    order = {name: i for i, name in enumerate(ALL_CANDIDATES)}
+    for (name, epoch), rows in sorted(
+        by_setting.items(), key=lambda item: (order.get(item[0][0], len(order)), item[0])
+    ):
         rows = sorted(rows, key=lambda r: r["seed"])
         ids = [r["test"]["accuracy"] for r in rows]
         oods = [r["ood"]["accuracy"] for r in rows]
@@ -136,9 +150,23 @@ def settings_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         table.append({
             "candidate": name, "epochs": epoch, "steps": rows[0]["step"], "seeds": seeds,
             "id": ids, "ood": oods, "mean_id": mean_id, "mean_ood": mean_ood, "n_min": n_min,
-            "verdict": "qualifies" if qualifies else ("fails" if complete else "incomplete"),
+            "verdict": _verdict(qualifies, complete, screened_out(runs, name)),
         })  # fmt: skip
     return table
+
+
+def _verdict(qualifies: bool, complete: bool, screened: bool) -> str:
+    if qualifies:
+        return "qualifies"
+    if complete:
+        return "fails"
+    return f"screened out (seed 0 OOD > {SCREEN_OOD} throughout)" if screened else "incomplete"
+
+
+def not_run(runs: list[dict[str, Any]]) -> list[str]:
+    """Pre-registered candidates without any run (amendment 2: listed, not hidden)."""
+    ran = {r["candidate"] for r in runs}
+    return [c for c in ALL_CANDIDATES if c not in ran]
 
 
 def chosen_setting(table: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -152,7 +180,7 @@ def screened_out(runs: list[dict[str, Any]], name: str) -> bool:
     return bool(seed0) and all(row["ood"]["accuracy"] > SCREEN_OOD for row in seed0[0]["epochs"])
 
 
-def markdown(table: list[dict[str, Any]], choice: dict[str, Any] | None) -> str:
+def markdown(table: list[dict[str, Any]], choice: dict[str, Any] | None, missing: list[str]) -> str:
     lines = [
         "# Evidence search: plain fine-tunes of the embedded model (issue 22)",
         "",
@@ -173,19 +201,23 @@ def markdown(table: list[dict[str, Any]], choice: dict[str, Any] | None) -> str:
         )
     pick = "none yet" if choice is None else f"{choice['candidate']}, {choice['epochs']} epochs"
     lines += ["", f"Chosen for the demo (fewest steps, then lowest OOD): **{pick}**."]
+    if missing:
+        names = ", ".join(f"`{m}`" for m in missing)
+        lines += ["", f"Not run (pre-registered, not reached; amendment 2): {names}."]
     return "\n".join(lines) + "\n"
 
 
 def write_tables() -> list[dict[str, Any]]:
-    table = settings_table(load_runs())
+    runs = load_runs()
+    table, missing = settings_table(runs), not_run(runs)
     choice = chosen_setting(table)
     out = {
         "criterion": CRITERION, "screen_ood": SCREEN_OOD, "pick_rule": PICK_RULE,
-        "training": TRAINING, "settings": table, "chosen": choice,
+        "training": TRAINING, "settings": table, "chosen": choice, "not_run": missing,
     }  # fmt: skip
     # The table ships with the package: the demo's report shows how its task was chosen.
     PACKAGE_COPY.write_text(json.dumps(out, indent=2) + "\n")
-    (HERE / "results" / "evidence_search.md").write_text(markdown(table, choice))
+    (HERE / "results" / "evidence_search.md").write_text(markdown(table, choice, missing))
     return table
 
 
