@@ -204,7 +204,15 @@ def _search_html(task: str) -> str:
         f"{html.escape(search.get('pick_rule', ''))}. Pick: {pick}. This study's task: "
         f"<code>{html.escape(task)}</code>. Every candidate, failures included:</p>"
         + rows.to_html(classes="tbl", border=0, index=False)
+        + _not_run_html(search.get("not_run", []))
     )
+
+
+def _not_run_html(names: list[str]) -> str:
+    if not names:
+        return ""
+    listed = ", ".join(f"<code>{html.escape(n)}</code>" for n in names)
+    return f"<p>Pre-registered but not run (the search stopped before them): {listed}.</p>"
 
 
 def demo_report(

@@ -71,6 +71,9 @@ def test_report_is_self_contained(study):
     page = (out / "report.html").read_text()
     assert "Plotly" in page and "caft-pca" in page and "Selected directions" in page
     assert 'src="http' not in page and "cdn." not in page.lower().split("</script>")[-1]
+    # The search that chose the default task, every candidate and those not run included.
+    assert "How this task was chosen" in page and "screened out" in page
+    assert "Pre-registered but not run" in page
 
 
 def test_a_second_run_reuses_every_artefact(study, model, monkeypatch):
