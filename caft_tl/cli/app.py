@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gender_pronoun, or double_mc:INTENDED|DISTRACTOR[:second]",
     )
     demo.add_argument("--out", default="caft-demo", help="folder for every artefact (reused)")
-    demo.add_argument("--quick", action="store_true", help="1 seed, less data: about 4 min")
+    demo.add_argument("--quick", action="store_true", help="1 seed, less data: under 5 min")
     demo.add_argument("--sae", action="store_true", help="also SAE latents as concepts")
     demo.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default: preset)")
     demo.add_argument("--steps", type=int, help="fine-tuning steps per run")
