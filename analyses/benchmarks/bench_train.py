@@ -208,13 +208,26 @@ def _hf_ablation(qmat: Any):
     return hook
 
 
-def hf_step_fn(hf: Any, batch: dict[str, Any], q: dict[int, Any] | None, optimizer: Any):
-    """The same step on the HF model; ``q``: ``{layer: Q [d, k]}`` ablated by forward hooks."""
+def hf_step_fn(
+    hf: Any, batch: dict[str, Any], q: dict[int, Any] | None, optimizer: Any, labels: bool = False
+):
+    """The same step on the HF model; ``q``: ``{layer: Q [d, k]}`` ablated by forward hooks.
+    The loss is caft-tl's masked loss on HF's logits, or with ``labels`` HF's own ``labels=``
+    loss (-100 on padding)."""
     import torch
 
     from caft_tl.train import masked_loss_sum
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    targets = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def loss_of_step():
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if labels:
+            return hf(ids, attention_mask=mask, labels=targets).loss
+        logits = hf(ids, attention_mask=mask).logits
+        loss, n = masked_loss_sum(logits, ids, batch["loss_mask"])
+        return loss / n
 
     def step() -> dict[str, float]:
         start, cpu = time.perf_counter(), time.process_time()
@@ -224,9 +237,8 @@ def hf_step_fn(hf: Any, batch: dict[str, Any], q: dict[int, Any] | None, optimiz
         try:
             optimizer.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                logits = hf(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss, n = masked_loss_sum(logits, batch["input_ids"], batch["loss_mask"])
-                (loss / n).backward()
+                loss = loss_of_step()
+                loss.backward()
                 loss.item()
         finally:
             for handle in handles:
@@ -410,35 +422,6 @@ def tl_loss_step_fn(model: Any, batch: dict[str, Any], intervention: Any, optimi
     return step
 
 
-def hf_labels_step_fn(hf: Any, batch: dict[str, Any], q: dict[int, Any] | None, optimizer: Any):
-    """A step through the HF model's own loss (``labels=``, -100 on padding)."""
-    import torch
-
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-
-    def step() -> dict[str, float]:
-        start, cpu = time.perf_counter(), time.process_time()
-        handles = [
-            hf.model.layers[i].register_forward_hook(_hf_ablation(m)) for i, m in (q or {}).items()
-        ]
-        try:
-            optimizer.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                out = hf(batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
-                out.loss.backward()
-                out.loss.item()
-        finally:
-            for handle in handles:
-                handle.remove()
-        fwd_bwd = time.perf_counter() - start
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        return _timings(start, cpu, fwd_bwd)
-
-    return step
-
-
 LOSS_PATHS = {
     "ours": "caft-tl's masked loss (target_loss_sum: logits only where a target is)",
     "tlloss": 'TransformerLens\'s return_type="loss" (full log-softmax)',
@@ -466,7 +449,7 @@ def bench_loss_paths(cfg: dict[str, Any]) -> dict[str, Any]:
             steps[f"ours_{kind}_{iv}"] = ours_step_fn(model, batch, intervention, optimizer)
             steps[f"tlloss_{kind}_{iv}"] = tl_loss_step_fn(model, batch, intervention, optimizer)
             steps[f"hf_{kind}_{iv}"] = hf_step_fn(hf, batch, qq, hf_opt)
-            steps[f"hflabels_{kind}_{iv}"] = hf_labels_step_fn(hf, batch, qq, hf_opt)
+            steps[f"hflabels_{kind}_{iv}"] = hf_step_fn(hf, batch, qq, hf_opt, labels=True)
     names = list(steps)
     for name in ("ours_unpadded_none", "hf_unpadded_none"):  # allocate the AdamW states
         steps[name]()
