@@ -167,16 +167,30 @@ def _timings(start: float, cpu: float, fwd_bwd: float) -> dict[str, float]:
 
 
 def ours_step_fn(
-    model: Any, batch: dict[str, Any], intervention: Any, optimizer: Any, plain: bool = False
+    model: Any,
+    batch: dict[str, Any],
+    intervention: Any,
+    optimizer: Any,
+    plain: bool = False,
+    tl_loss: bool = False,
 ):
     """One step of ``finetune``'s loop (grad_accum 1); the step returns its timings.
-    ``plain``: with TransformerLens's own forward instead of ``caft_tl.fast``'s."""
+    ``plain``: with TransformerLens's own forward instead of ``caft_tl.fast``'s; ``tl_loss``:
+    the loss from ``model(..., return_type="loss")`` (TransformerLens's full log-softmax)
+    instead of caft-tl's masked loss."""
     import torch
 
     from caft_tl.fast import plain_forward
     from caft_tl.train import applied, target_loss_sum
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def loss_of_step():
+        if tl_loss:
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            return model(ids, attention_mask=mask, return_type="loss")
+        loss, n = target_loss_sum(model, batch)
+        return loss / n
 
     def step() -> dict[str, float]:
         start, cpu = time.perf_counter(), time.process_time()
@@ -186,8 +200,8 @@ def ours_step_fn(
             plain_forward(model) if plain else contextlib.nullcontext(),
             applied(intervention, model),
         ):
-            loss, n = target_loss_sum(model, batch)
-            (loss / n).backward()
+            loss = loss_of_step()
+            loss.backward()
             loss.item()
         fwd_bwd = time.perf_counter() - start
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -396,32 +410,6 @@ def make_padded_batch(tokenizer: Any, n: int = BATCH_SIZE, seed: int = 1) -> dic
     return collate(rows, pad_token_id=pad_id(tokenizer), padding_side="right")
 
 
-def tl_loss_step_fn(model: Any, batch: dict[str, Any], intervention: Any, optimizer: Any):
-    """A step through TransformerLens's own loss: ``model(..., return_type="loss")`` (the
-    full ``[batch, pos, vocab]`` log-softmax), with the attention mask."""
-    import torch
-
-    from caft_tl.train import applied
-
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-
-    def step() -> dict[str, float]:
-        start, cpu = time.perf_counter(), time.process_time()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.enable_grad(), applied(intervention, model):
-            loss = model(
-                batch["input_ids"], attention_mask=batch["attention_mask"], return_type="loss"
-            )
-            loss.backward()
-            loss.item()
-        fwd_bwd = time.perf_counter() - start
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        return _timings(start, cpu, fwd_bwd)
-
-    return step
-
-
 LOSS_PATHS = {
     "ours": "caft-tl's masked loss (target_loss_sum: logits only where a target is)",
     "tlloss": 'TransformerLens\'s return_type="loss" (full log-softmax)',
@@ -447,7 +435,9 @@ def bench_loss_paths(cfg: dict[str, Any]) -> dict[str, Any]:
         for iv in ("none", "zero"):
             intervention, qq = interventions[iv], (q if iv == "zero" else None)
             steps[f"ours_{kind}_{iv}"] = ours_step_fn(model, batch, intervention, optimizer)
-            steps[f"tlloss_{kind}_{iv}"] = tl_loss_step_fn(model, batch, intervention, optimizer)
+            steps[f"tlloss_{kind}_{iv}"] = ours_step_fn(
+                model, batch, intervention, optimizer, tl_loss=True
+            )
             steps[f"hf_{kind}_{iv}"] = hf_step_fn(hf, batch, qq, hf_opt)
             steps[f"hflabels_{kind}_{iv}"] = hf_step_fn(hf, batch, qq, hf_opt, labels=True)
     names = list(steps)
