@@ -31,23 +31,25 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 FOLDER = HERE / "results" / "evidence_search"
 DEFAULT_CANDIDATES = ["gender2:doctor|nurse"]
-# Every pre-registered candidate, in the pre-registered order (amendment 2 for the double
-# multiple-choice ones: intended pronouns first, then SUBTASKS order; first, then second).
-_SUBTASKS = ("sentiment", "verbs", "pronouns", "continents")  # ct.tasks.SUBTASKS
-_INTENDED = ("pronouns", "sentiment", "verbs", "continents")
-ALL_CANDIDATES = DEFAULT_CANDIDATES + [
-    f"dmc:{i}|{d}:{position}"
-    for i in _INTENDED
-    for d in _SUBTASKS
-    if d != i
-    for position in ("first", "second")
-]
+
+
 CRITERION = {"min_id": 0.90, "max_ood": 0.30, "min_n": 150, "seeds": [0, 1, 2]}
 SCREEN_OOD = 0.60  # seed 0 above this at every length: seeds 1-2 are not run
 DMC_N = {"train": 320, "test": 200, "ood": 200}
 PICK_RULE = "among qualifying settings, the fewest training steps, then the lowest mean OOD"
 TRAINING = "full fine-tune, AdamW lr 3e-5, batch 8, 5 warm-up steps then constant, seeds 0-2"
 PACKAGE_COPY = HERE.parent / "caft_tl" / "evidence_search.json"
+
+
+def all_candidates() -> list[str]:
+    """Every pre-registered candidate, in the pre-registered order (amendment 2 for the
+    double multiple-choice ones: intended pronouns first, the rest in ``SUBTASKS`` order;
+    the intended question shown first, then second)."""
+    import caft_tl as ct
+
+    pairs = sorted(ct.tasks.double_mc_pairs(), key=lambda pair: pair[0] != "pronouns")
+    dmc = [f"dmc:{i}|{d}:{pos}" for i, d in pairs for pos in ("first", "second")]
+    return DEFAULT_CANDIDATES + dmc
 
 
 def candidate_splits(name: str) -> dict[str, Any]:
@@ -132,7 +134,7 @@ def settings_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 {"seed": run["seed"], "step": row["step"], **row}
             )
     table = []
-    order = {name: i for i, name in enumerate(ALL_CANDIDATES)}
+    order = {name: i for i, name in enumerate(all_candidates())}
     for (name, epoch), rows in sorted(
         by_setting.items(), key=lambda item: (order.get(item[0][0], len(order)), item[0])
     ):
@@ -166,7 +168,7 @@ def _verdict(qualifies: bool, complete: bool, screened: bool) -> str:
 def not_run(runs: list[dict[str, Any]]) -> list[str]:
     """Pre-registered candidates without any run (amendment 2: listed, not hidden)."""
     ran = {r["candidate"] for r in runs}
-    return [c for c in ALL_CANDIDATES if c not in ran]
+    return [c for c in all_candidates() if c not in ran]
 
 
 def chosen_setting(table: list[dict[str, Any]]) -> dict[str, Any] | None:

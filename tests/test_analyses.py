@@ -65,7 +65,7 @@ def test_search_criterion_and_pick_rule():
     screened = search.settings_table([run("e", 0, [(1.0, 0.7), (1.0, 0.65)])])
     assert all(r["verdict"].startswith("screened out") for r in screened)
     assert "gender2:doctor|nurse" in search.not_run(runs)
-    assert len(search.ALL_CANDIDATES) == 25  # gender2 and 12 ordered pairs x 2 positions
+    assert len(search.all_candidates()) == 25  # gender2 and 12 ordered pairs x 2 positions
     md = search.markdown(list(table.values()), pick, ["dmc:verbs|sentiment:first"])
     assert "| a | 1 | 36 |" in md and "**a, 1 epochs**" in md
     assert "Not run" in md and "`dmc:verbs|sentiment:first`" in md
