@@ -152,12 +152,15 @@ class ChatClient:
         return None if self.cache is None else self.cache.get(self.key(body))
 
     def post(self, body: Mapping[str, Any], parse: Callable[[Any], Any] = lambda r: r) -> Any:
-        """``parse(reply)`` for ``body``, from the cache or the server (then cached).
-        ``parse`` errors propagate unretried: a well-formed reply without what the caller
-        needs is the server's answer, not a transient failure."""
+        """``parse(reply)`` for ``body``, from the cache or else :meth:`fetch`."""
         hit = self.cached(body)
-        if hit is not None:
-            return hit
+        return hit if hit is not None else self.fetch(body, parse)
+
+    def fetch(self, body: Mapping[str, Any], parse: Callable[[Any], Any] = lambda r: r) -> Any:
+        """``parse(reply)`` for ``body`` from the server, then cached (for callers that have
+        looked in the cache already). ``parse`` errors propagate unretried: a well-formed
+        reply without what the caller needs is the server's answer, not a transient
+        failure."""
         value = parse(self._with_retries(body))
         if self.cache is not None:
             self.cache.put(self.key(body), value)

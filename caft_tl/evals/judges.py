@@ -301,7 +301,7 @@ class HTTPJudge(_ScoringJudge):
 
         def one(i: int) -> None:
             try:
-                replies[i] = self.client.post(bodies[i], parse=_top_logprobs)
+                replies[i] = self.client.fetch(bodies[i], parse=_top_logprobs)
             except (HTTPRefused, HTTPGaveUp) as exc:
                 raise JudgeError(str(exc)) from None
             bar.update()
