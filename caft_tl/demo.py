@@ -37,7 +37,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
@@ -45,9 +45,6 @@ from caft_tl._io import dataclass_from_dict, now_iso, read_json, write_text_atom
 from caft_tl.study import Study, StudyLog
 from caft_tl.train import tidy_run
 from caft_tl.viz import demo_report, summary_table
-
-if TYPE_CHECKING:  # typing only: no run-time import of the directions package
-    pass
 
 __all__ = ["DemoConfig", "demo_concepts", "run_demo", "summary_table"]
 
@@ -473,9 +470,9 @@ def demo_concepts(
     log = StudyLog(echo)
     base = model if model is not None else log.timed("load", lambda: load_model(device="cpu"))
     data = task_data(cfg)
-    seed, keep = cfg.seeds[0], [cfg.learned_less_step] if cfg.learned_less_step else []
+    study, seed = _study(out, cfg, base, data, log), cfg.seeds[0]
     folder = out / "runs" / f"s{seed}" / "plain"
-    plain = _study(out, cfg, base, data, log).train("plain", seed, keep=keep)
+    plain = study.train("plain", seed, keep=study.keep)
     tidy_run(
         folder, keep_final=True, keep_all=True
     )  # resumable state only: run_demo needs the rest

@@ -755,7 +755,7 @@ def _finetune(
     finally:
         trainer.close()
     model = trainer.trained_model()
-    folder.finish(model, cfg)
+    folder.finish(model)
     return model
 
 
@@ -883,12 +883,13 @@ class _RunFolder:
     def after_step(self, trainer: _Trainer, record: dict[str, Any]) -> None:
         """Log the step; checkpoint / snapshot it when the config says so."""
         step, cfg = record["step"], self.cfg
+        checkpoints = _checkpoints_at(cfg, step, self.total)
         saves = self.requested and _saves_at(cfg, step, self.total)
-        plain, optimizer_state = trainer.saved_state(saves, _checkpoints_at(cfg, step, self.total))
+        plain, optimizer_state = trainer.saved_state(saves, checkpoints)
         if self.path is not None:
             with open(self.path / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if _checkpoints_at(cfg, step, self.total):
+            if checkpoints:
                 state = {
                     "step": step, "epoch": trainer.epoch, "position": trainer.position + 1,
                     "tokens": record["tokens"], "elapsed": record["elapsed"],
@@ -905,9 +906,10 @@ class _RunFolder:
             # take the group down before rank 0's checkpoint is on disk.
             dist.barrier()
 
-    def finish(self, model: HookedTransformer, cfg: TrainConfig) -> None:
+    def finish(self, model: HookedTransformer) -> None:
         if self.path is not None:
-            save_model(model, self.path / "final", metadata={"train_config": cfg.to_dict()})
+            meta = {"train_config": self.cfg.to_dict()}
+            save_model(model, self.path / "final", metadata=meta)
         dist.barrier()  # every rank returns once the final model is written
 
 
