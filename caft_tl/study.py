@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from caft_tl._io import read_json, write_text_atomic
+from caft_tl.models import CHECKPOINT_MARKER
 from caft_tl.train import tidy_run
 
 if TYPE_CHECKING:  # typing only: no run-time import of the directions package
@@ -150,13 +151,17 @@ class Study:
         """A run trained with ``intervention``, evaluated without it (and, with ``hook_on``,
         with it still on as ``{name}+hook``)."""
         names = [f"{name}/s{seed}"] + ([f"{name}+hook/s{seed}"] if hook_on else [])
+        folder = self.out / "runs" / f"s{seed}" / name
+        # keep_models: a run evaluated earlier without it may have to be trained again, but
+        # one whose model is on disk need not even be loaded.
+        missing = self.keep_models and not (folder / "final" / CHECKPOINT_MARKER).exists()
         model = None
-        if not self.evaluated(names) or self.keep_models:
+        if not self.evaluated(names) or missing:
             model = self.train(name, seed, intervention)
         self.evaluate(names[0], model)
         if hook_on:
             self.evaluate(names[1], model, intervention)
-        self.tidy(self.out / "runs" / f"s{seed}" / name, keep_final=False)
+        self.tidy(folder, keep_final=False)
         del model
         gc.collect()
 

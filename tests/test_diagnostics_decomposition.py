@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -93,3 +94,31 @@ def test_decomposition_trains_each_condition_once_and_reuses(tokenizer, tmp_path
         )  # fmt: skip
     with pytest.raises(ValueError, match="eval_data is empty"):
         training_decomposition(model, train, _concepts(), {}, cfg, tmp_path / "x")
+
+
+def test_kept_models_are_not_loaded_again_when_evaluations_are_cached(
+    tokenizer, tmp_path, monkeypatch
+):
+    model = ct.models.tiny(tokenizer=tokenizer, seed=1)
+    train = ct.tasks.gender_pronoun("train", n=8, answer_format="pronoun")
+    splits = {"ood": ct.tasks.gender_pronoun("ood", n=6, answer_format="pronoun")}
+    cfg = ct.TrainConfig(max_steps=1, lr=1e-3, batch_size=4, progress=False)
+    args = (model, train, _concepts(), splits, cfg, tmp_path)
+    first = training_decomposition(
+        *args, conditions=["plain", "zero"], keep_models=True, progress=False
+    )
+    assert (tmp_path / "runs" / "s0" / "zero" / "final").is_dir()
+
+    def no_run(*a, **k):
+        raise AssertionError("a kept, evaluated run was loaded or trained again")
+
+    monkeypatch.setattr("caft_tl.compare.run_condition", no_run)
+    again = training_decomposition(
+        *args, conditions=["plain", "zero"], keep_models=True, progress=False
+    )
+    assert again.equals(first)
+    # A kept model that is gone is trained again (keep_models promises it on disk).
+    monkeypatch.undo()
+    shutil.rmtree(tmp_path / "runs" / "s0" / "zero" / "final")
+    training_decomposition(*args, conditions=["plain", "zero"], keep_models=True, progress=False)
+    assert (tmp_path / "runs" / "s0" / "zero" / "final").is_dir()
