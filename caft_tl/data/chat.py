@@ -593,7 +593,7 @@ def mask_batches(
     rows = prepare_data(data, tokenizer, max_length=max_length)
     pad = pad_id(tokenizer)
     for batch in batches(rows, batch_size, pad_token_id=pad, padding_side="right"):
-        mask = batch["attention_mask"].clone()
+        mask = batch["attention_mask"]  # this batch's own tensor: edited in place
         if skip_first:
             mask[:, 0] = 0
         yield {"input_ids": batch["input_ids"], "mask": mask}
