@@ -344,26 +344,16 @@ def pca(
             "assistant_only=True needs row targets: pass Activations (from cache_activations "
             "or activation_diff), or filter the tensors yourself"
         )
+    # The fit's settings, which the provenance records as they were.
+    opts = {"assistant_only": assistant_only, "skip_first": skip_first, "center": center}
     fits = {
-        hook: _fit_hook(
-            src,
-            hook,
-            k,
-            assistant_only=assistant_only,
-            skip_first=skip_first,
-            center=center,
-            dtype=dtype,
-            progress=progress,
-        )
-        for hook in selected
+        hook: _fit_hook(src, hook, k, **opts, dtype=dtype, progress=progress) for hook in selected
     }
-    settings = {"k": k, "center": center, "assistant_only": assistant_only, "dtype": dtype}
-    provenance = _provenance(src, fits, model, skip_first=skip_first, **settings)
     return ConceptSet(
         {h: f["directions"] for h, f in fits.items()},
         labels={h: [f"PC{i}" for i in range(k)] for h in fits},
         scores={h: f["ratio"] for h, f in fits.items()},
-        provenance=provenance,
+        provenance=_provenance(src, fits, model, k=k, **opts, dtype=dtype),
     )
 
 
@@ -413,9 +403,11 @@ def _provenance(
     fits: dict[str, dict[str, Any]],
     model: Any,
     *,
+    k: int,
+    center: bool,
+    assistant_only: bool,
     skip_first: bool,
     dtype: Any,
-    **settings,
 ) -> dict[str, Any]:
     """What :func:`pca` records: its settings, the source's, and per hook the tokens used,
     the explained and total variance and the norm of the mean difference."""
@@ -423,7 +415,9 @@ def _provenance(
     provenance = make_provenance(
         "pca",
         model=model if model is not None else meta.get("model"),
-        **settings,
+        k=k,
+        center=center,
+        assistant_only=assistant_only,
         skip_first=skip_first and not isinstance(src, dict),
         dtype=str(dtype).removeprefix("torch."),
         hooks=list(fits),
