@@ -116,7 +116,8 @@ class Study:
 
         cfg = self.train_config(seed, keep)
         folder = self.out / "runs" / f"s{seed}" / name
-        self.log(f"{name} fine-tune, seed {seed} ({cfg.max_steps or cfg.epochs} steps)")
+        length = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs} epochs"
+        self.log(f"{name} fine-tune, seed {seed} ({length})")
         return self.log.timed(
             "finetune", run_condition, self.base, self.train_data, cfg, intervention, None,
             folder,
