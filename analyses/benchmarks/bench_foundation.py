@@ -357,8 +357,11 @@ def emit(result: dict[str, Any]) -> None:
     print(RESULT_MARKER + json.dumps(result), flush=True)
 
 
-def _run_child(args: list[str], env_extra: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run this script as a child; return its result dict plus the total wall time."""
+def run_child(
+    args: list[str], script: Path | None = None, env_extra: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run a benchmark script (this one by default) as a child, offline, with ``env_extra``
+    added to its environment; return its :func:`emit` result plus the total wall time."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -368,7 +371,7 @@ def _run_child(args: list[str], env_extra: dict[str, str] | None = None) -> dict
     }
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), *args],
+        [sys.executable, str((script or Path(__file__)).resolve()), *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -591,7 +594,7 @@ def bench_load(cfg: dict[str, Any]) -> dict[str, Any]:
                 print(
                     f"[load] {kind} load, repetition {rep + 1}/{cfg['load_reps']} ...", flush=True
                 )
-                result = _run_child(["--child", "load"], {"CAFT_TL_CACHE": str(cache)})
+                result = run_child(["--child", "load"], env_extra={"CAFT_TL_CACHE": str(cache)})
                 expected = kind == "cached"
                 if result["cache_was_filled"] != expected:
                     raise RuntimeError(f"{kind} load found cache_was_filled={not expected}")
@@ -616,7 +619,7 @@ def bench_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     for size, tokens in (("N", n), ("10N", 10 * n)):
         for where in ("disk", "memory"):
             print(f"[memory] {where}, {tokens} tokens ...", flush=True)
-            runs[f"{where}_{size}"] = _run_child(
+            runs[f"{where}_{size}"] = run_child(
                 [
                     "--child",
                     "memory",

@@ -29,16 +29,12 @@ table is printed last.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import ctypes.util
 import gc
 import json
 import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,13 +44,22 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+from bench_foundation import (  # noqa: E402  (shared helpers of the sibling benchmark)
+    emit,
+    malloc_trim,
+    reset_peak_rss,
+    run_child,
+    vm_kib,
+)
+
 RESULTS_DIR = HERE / "results"
 THREADS = 2
 WIDTH = 576  # SmolLM2-135M d_model
 K = 20  # CAFT's number of PCs
 HOOK = "blocks.12.hook_resid_post"
 EXAMPLE_TOKENS = 64
-RESULT_MARKER = "BENCH_RESULT "
 
 MODES = {
     "full": {"sizes": [20_000, 200_000, 2_000_000], "shard_tokens": 16_384},
@@ -67,62 +72,18 @@ MODES = {
 # ============================================================================ helpers
 
 
-def _vm_kib(field: str) -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+)\s+kB", status, re.M).group(1))
-
-
 def _peak_kib() -> int:
     # VmHWM, not getrusage's ru_maxrss: a child started by fork + exec inherits the
     # parent's peak in ru_maxrss (the parent here holds torch and generated data), and
     # clear_refs resets VmHWM only.
-    return _vm_kib("VmHWM")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the RSS high-water mark (Linux >= 4.0), so imports do not hide the peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return _peak_kib() <= _vm_kib("VmRSS") + 1024
-
-
-def _malloc_trim() -> None:
-    # Heap freed while importing/opening stays mapped under glibc and would be reused
-    # silently; give it back so the baseline is honest.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    return vm_kib("VmHWM")
 
 
 def _baseline() -> tuple[int, bool]:
     gc.collect()
-    _malloc_trim()
-    rss = _vm_kib("VmRSS")
-    return rss, _reset_peak_rss()
-
-
-def _emit(result: dict[str, Any]) -> None:
-    print(RESULT_MARKER + json.dumps(result), flush=True)
-
-
-def _run_child(args: list[str]) -> dict[str, Any]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise RuntimeError(f"child {args} failed with exit code {proc.returncode}")
-    result = json.loads(lines[-1][len(RESULT_MARKER) :])
-    result["subprocess_wall_s"] = time.perf_counter() - start
-    return result
+    malloc_trim()
+    rss = vm_kib("VmRSS")
+    return rss, reset_peak_rss()
 
 
 def _mem_available_kib() -> int:
@@ -185,7 +146,7 @@ def child_ours(folder: str) -> None:
     t0 = time.perf_counter()
     torch.linalg.eigh(sym @ sym.T)
     eigh_s = time.perf_counter() - t0
-    _emit(
+    emit(
         {
             "n_tokens": len(acts),
             "seconds": seconds,
@@ -222,7 +183,7 @@ def child_reference(folder: str) -> None:
     peak = _peak_kib()
     top = v[:, :K]
     captured = float((x @ top).square().sum() / x.square().sum())
-    _emit(
+    emit(
         {
             "n_tokens": n,
             "seconds": done - start,
@@ -328,11 +289,13 @@ def main() -> None:
             write_folder(folder, n, cfg["shard_tokens"])
             print(f"[pca] {n:,} tokens written in {time.perf_counter() - t0:.0f} s", flush=True)
             run: dict[str, Any] = {"n_tokens": n}
-            run["ours"] = _run_child(["--child", "ours", "--folder", str(folder)])
+            run["ours"] = run_child(["--child", "ours", "--folder", str(folder)], Path(__file__))
             print(f"[pca] ours: {run['ours']['tokens_per_s']:,.0f} tok/s", flush=True)
             need_kib = 2 * n * WIDTH * 4 // 1024  # matrix + headroom, or we might OOM others
             if need_kib < _mem_available_kib() // 2:
-                run["reference"] = _run_child(["--child", "reference", "--folder", str(folder)])
+                run["reference"] = run_child(
+                    ["--child", "reference", "--folder", str(folder)], Path(__file__)
+                )
                 print(f"[pca] ref:  {run['reference']['tokens_per_s']:,.0f} tok/s", flush=True)
             else:
                 run["skipped"] = f"needs ~{need_kib / 2**20:.1f} GiB"

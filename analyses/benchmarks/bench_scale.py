@@ -47,12 +47,12 @@ from bench_foundation import (  # noqa: E402  (shared helpers of the sibling ben
     machine_info,
     malloc_trim,
     reset_peak_rss,
+    run_child,
     vm_kib,
 )
 from bench_train import (  # noqa: E402
     make_batch,
     make_interventions,
-    run_child,
     set_threads,
 )
 

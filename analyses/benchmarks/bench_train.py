@@ -45,7 +45,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,13 +57,13 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 from bench_foundation import (  # noqa: E402  (shared helpers of the sibling benchmark)
-    RESULT_MARKER,
     emit,
     load_hf,
     machine_info,
     make_texts,
     malloc_trim,
     reset_peak_rss,
+    run_child,
     vm_kib,
 )
 
@@ -519,29 +518,11 @@ def child_memory(variant: str) -> None:
     )
 
 
-def run_child(args: list[str], script: Path | None = None) -> dict[str, Any]:
-    """Run a benchmark script (this one by default) in a fresh process; its result line."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    proc = subprocess.run(
-        [sys.executable, str((script or Path(__file__)).resolve()), *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise RuntimeError(f"child {args} failed with exit code {proc.returncode}")
-    return json.loads(lines[-1][len(RESULT_MARKER) :])
-
-
 def bench_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     runs = {}
     for variant in cfg["memory_variants"]:
         print(f"[memory] {variant} (fresh subprocess) ...", flush=True)
-        runs[variant] = run_child(["--child", "memory", "--variant", variant])
+        runs[variant] = run_child(["--child", "memory", "--variant", variant], Path(__file__))
     return {"runs": runs}
 
 
