@@ -532,8 +532,9 @@ def bench_memory(cfg: dict[str, Any]) -> dict[str, Any]:
 def bench_checkpoint(cfg: dict[str, Any]) -> dict[str, Any]:
     """Checkpoint write time and time-to-first-step, fresh vs resumed, inside finetune."""
     import caft_tl
-    import caft_tl.train as train
+    from caft_tl import train
     from caft_tl.data import DataWarning, tokenize
+    from caft_tl.train import loop, run_folder
 
     print("[checkpoint] fresh runs killed after step 1, then resumed ...", flush=True)
     model = caft_tl.load_model(device="cpu")
@@ -546,11 +547,14 @@ def bench_checkpoint(cfg: dict[str, Any]) -> dict[str, Any]:
         max_steps=3, batch_size=BATCH_SIZE, lr=LR, save_every=1, progress=False
     )
     timings: dict[str, list[float]] = {"save": [], "load": []}
-    originals = (
-        train.save_checkpoint,
-        train.load_checkpoint_weights,
-        train.load_checkpoint_training,
-    )
+    # finetune looks these up in the modules that call them at each call, so the wrappers
+    # see every save and both halves of a load (weights, then optimiser / schedule / RNG).
+    patched = [
+        (run_folder, "save_checkpoint", "save"),
+        (run_folder, "load_checkpoint_weights", "load"),
+        (loop, "load_checkpoint_training", "load"),
+    ]
+    originals = [getattr(module, name) for module, name, _ in patched]
 
     def timed(fn, key):
         def wrapper(*args, **kwargs):
@@ -566,11 +570,8 @@ def bench_checkpoint(cfg: dict[str, Any]) -> dict[str, Any]:
         pass
 
     reps = []
-    # finetune looks these up in its module at each call, so the wrappers see every save and
-    # both halves of a load (weights, then optimiser / schedule / RNG state).
-    train.save_checkpoint = timed(originals[0], "save")
-    train.load_checkpoint_weights = timed(originals[1], "load")
-    train.load_checkpoint_training = timed(originals[2], "load")
+    for (module, name, key), original in zip(patched, originals, strict=True):
+        setattr(module, name, timed(original, key))
     tmp = Path(tempfile.mkdtemp(prefix="caft-bench-ckpt-"))
     try:
         for rep in range(cfg["checkpoint_reps"]):
@@ -615,9 +616,8 @@ def bench_checkpoint(cfg: dict[str, Any]) -> dict[str, Any]:
             )
             shutil.rmtree(out)
     finally:
-        (train.save_checkpoint, train.load_checkpoint_weights, train.load_checkpoint_training) = (
-            originals
-        )
+        for (module, name, _), original in zip(patched, originals, strict=True):
+            setattr(module, name, original)
         shutil.rmtree(tmp, ignore_errors=True)
     fresh = statistics.median(r["fresh_first_step_s"] for r in reps)
     resumed = statistics.median(r["resumed_first_step_s"] for r in reps)

@@ -1,0 +1,139 @@
+"""The loss: cross-entropy over target tokens only (``loss_mask[t] == 1``: the prediction
+at ``t - 1`` is trained), unembedding only the positions that predict a target; the autocast
+and gradient-checkpointing contexts of a step; the evaluation loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from caft_tl.data.chat import pad_id, prepare_data
+from caft_tl.models import logits_from_residual
+from caft_tl.train.plan import micro_batches, trainable_rows
+
+if TYPE_CHECKING:  # typing only: no run-time import of the directions package
+    from caft_tl.interventions import InterventionLike
+
+
+def masked_loss_sum(
+    logits: Float[Tensor, "batch pos vocab"],
+    input_ids: Int[Tensor, "batch pos"],
+    loss_mask: Int[Tensor, "batch pos"],
+) -> tuple[Float[Tensor, ""], int]:
+    """Summed cross-entropy over target tokens, and their count (with the shift:
+    position ``t - 1`` predicts token ``t`` wherever ``loss_mask[t] == 1``)."""
+    targets = loss_mask[:, 1:].bool()
+    picked = logits[:, :-1][targets].float()  # only target rows reach the softmax
+    return F.cross_entropy(picked, input_ids[:, 1:][targets], reduction="sum"), int(targets.sum())
+
+
+def target_loss_sum(
+    model: HookedTransformer,
+    batch: Mapping[str, Tensor],
+    forward: Callable[..., Tensor] | None = None,
+) -> tuple[Float[Tensor, ""], int]:
+    """:func:`masked_loss_sum` of the model on ``batch``, unembedding only the positions
+    that predict a target.
+
+    The same numbers as the full forward, cheaper: with one target per example (multiple
+    choice) the ``[batch, pos, vocab]`` logits, about 12% of a SmolLM2 step and most of its
+    activation memory, shrink to ``[targets, vocab]``. ``ln_final`` and ``unembed`` (and any
+    hooks on them) see the target positions only, as a ``[1, targets, d_model]`` batch.
+    ``forward``: what runs the blocks (a ``DistributedDataParallel`` wrapping ``model``).
+    """
+    targets = batch["loss_mask"][:, 1:].bool()
+    # The attention mask is explicit: the pad id may be a real token (SmolLM2's <|im_end|>).
+    resid = (forward or model)(
+        batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        stop_at_layer=model.cfg.n_layers,
+    )
+    logits = logits_from_residual(model, resid[:, :-1][targets].unsqueeze(0))
+    labels = batch["input_ids"][:, 1:][targets]
+    return F.cross_entropy(logits[0].float(), labels, reduction="sum"), int(targets.sum())
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; no autocast on other devices."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@contextmanager
+def checkpointed_blocks(model: HookedTransformer) -> Iterator[HookedTransformer]:
+    """Activation (gradient) checkpointing of every transformer block, for a ``with`` block.
+
+    Each block's forward runs without keeping its intermediates when gradients are on, and
+    runs again during the backward pass (``torch.utils.checkpoint``, non-reentrant: the RNG
+    state, autocast and hooks replay as in the first run). Hooks inside a block therefore
+    fire twice per training forward; interventions are pure functions of the activation, so
+    the update does not change, but a hook that *records* would record twice. The blocks'
+    own forwards come back however the block exits."""
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def checkpointed(*args: Any, **kwargs: Any) -> Tensor:
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        return checkpointed
+
+    blocks = list(model.blocks)
+    if any("forward" in vars(b) for b in blocks):
+        raise RuntimeError("the model's blocks are already checkpointed")
+    try:
+        for block in blocks:
+            block.forward = wrap(block.forward)  # an instance attribute shadows the class's
+        yield model
+    finally:
+        for block in blocks:
+            vars(block).pop("forward", None)
+
+
+@torch.no_grad()
+def mean_target_loss(
+    model: HookedTransformer, ids: list[list[int]], masks: list[list[int]], batch_size: int
+) -> float:
+    """Mean cross-entropy over the target tokens of tokenised rows, in eval mode."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in micro_batches(
+            ids, masks, list(range(len(ids))), batch_size, pad_id(model.tokenizer), device
+        ):
+            with autocast_for(device):
+                loss, n = target_loss_sum(model, batch)
+            total, count = total + loss.item(), count + n
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def evaluate_loss(
+    model: HookedTransformer,
+    data: Any,
+    *,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    intervention: InterventionLike | None = None,
+) -> float:
+    """Mean cross-entropy over the target tokens of ``data`` (same rules as training)."""
+    ids, masks = trainable_rows(prepare_data(data, model.tokenizer, max_length=max_length))
+    with applied(intervention, model):
+        return mean_target_loss(model, ids, masks, batch_size)
+
+
+def applied(intervention: InterventionLike | None, model: HookedTransformer):
+    """The intervention's hooks for a ``with`` block (removed however it exits), or nothing."""
+    return nullcontext() if intervention is None else intervention.applied(model)
