@@ -46,7 +46,7 @@ from caft_tl.study import Study, StudyLog
 from caft_tl.train import tidy_run
 from caft_tl.viz import demo_report, summary_table
 
-__all__ = ["DemoConfig", "demo_concepts", "run_demo", "summary_table"]
+__all__ = ["DemoConfig", "demo_concepts", "run_demo", "select_by_hints", "summary_table"]
 
 RESULTS_FORMAT = "caft_tl.demo_results"
 
@@ -405,7 +405,7 @@ def _null_directions(directions, n: int, seed: int = 12345):
     return ConceptSet(rows).orthonormalised().to(dtype=dtype)
 
 
-def _select(model, directions, cfg: DemoConfig, folder: Path):
+def select_by_hints(model, directions, cfg: DemoConfig, folder: Path):
     """Hinted selection against a null of random directions.
 
     A direction is kept when its separation of the contrast sets (|AUROC - 0.5|) beats
@@ -414,6 +414,8 @@ def _select(model, directions, cfg: DemoConfig, folder: Path):
     gender everywhere), so only a direction that beats them says something. At most
     ``max_per_hook`` per hook, best first. When none qualifies, the ``fallback`` best
     directions are kept and the results say so. Returns (ConceptSet, scores, fallback).
+    The choice is saved in ``folder`` (and the scores beside it) and read back from there.
+    Public so that a study can hold other candidates (crosscoder latents) to the demo's rule.
     """
     from caft_tl.directions import ConceptSet
 
@@ -480,7 +482,7 @@ def demo_concepts(
     texts = _direction_texts(base, cfg, data)
     pcs = _pca_directions(base, plain, texts, cfg, out / "directions" / "pca")
     log(f"selection: hinted interpretation with contrast sets {list(task_functions(cfg)[1])}")
-    chosen, _, fallback = _select(plain, pcs, cfg, out / "concepts" / "pca")
+    chosen, _, fallback = select_by_hints(plain, pcs, cfg, out / "concepts" / "pca")
     note = " (fallback: none beat the random directions)" if fallback else ""
     log(f"  pca: {chosen.n_directions} directions selected{note}")
     return chosen
@@ -523,7 +525,7 @@ def run_demo(
     selected, scores = {}, {}
     for name, directions in candidates.items():
         chosen, table, fallback = log.timed(
-            "selection", _select, plain0, directions, cfg, out / "concepts" / name
+            "selection", select_by_hints, plain0, directions, cfg, out / "concepts" / name
         )
         selected[name], scores[name] = (chosen, fallback), table
         note = (
@@ -563,6 +565,10 @@ def run_demo(
 def _ablation(concepts: Any) -> Any:
     from caft_tl.interventions import Ablation
 
+    # SAE decoder rows are not orthonormal; zero-ablation removes their span either way, and
+    # the demo's user passed no directions, so Ablation's warning would tell them nothing.
+    if concepts.non_orthonormal_hooks():
+        concepts = concepts.orthonormalised()
     return Ablation(concepts, mode="zero")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 
@@ -214,9 +215,15 @@ def test_sae_latents_run_through_the_same_study(model, tmp_path):
         seeds=[0], learned_less_step=None, sae=True, sae_hook=HOOKS[1], sae_width=64, sae_k=4,
         sae_top=8, sae_tokens=4000, test_time=True,
     )  # fmt: skip
-    results = run_demo(tmp_path, cfg, model=model, echo=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = run_demo(tmp_path, cfg, model=model, echo=False)
     methods = {s["method"] for s in results["summary"]}
     assert {"caft-sae", "caft-sae+hook", "plain+ablate-sae"} <= methods
     assert results["directions"]["sae"]["n_selected"] >= 1
     chosen = ct.ConceptSet.load(tmp_path / "concepts" / "sae")
     assert chosen.hooks == [HOOKS[1]]
+    # SAE decoder rows are not orthonormal: the demo orthonormalises them itself instead of
+    # warning its user about directions they never passed.
+    assert chosen.non_orthonormal_hooks() == [HOOKS[1]]
+    assert not [w for w in caught if "not orthonormal" in str(w.message)]
