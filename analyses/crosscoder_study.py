@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""Crosscoder diffing of the embedded model and its gender-task fine-tune (BatchTopK vs L1).
+"""Crosscoder diffing of the embedded model and a plain fine-tune (BatchTopK vs L1).
 
-    python analyses/crosscoder_study.py [--hook blocks.12.hook_resid_post] [--tokens 400000]
+    python analyses/crosscoder_study.py [--task gender_pronoun] [--hook blocks.12.hook_resid_post]
 
-Uses the gender study's plain seed-0 fine-tune (``python analyses/gender_study.py`` first).
-Caches paired activations at one hook on the task's training prompts, generic chat prompts
-and the gender contrast sentences; trains a BatchTopK and an L1 crosscoder on them (runs are
-resumable and reused); classifies latents by relative decoder norm; runs Latent Scaling; and
-asks whether the genuine fine-tune-only latents are about gender (AUROC of their directions
-on the contrast sentences, against random directions). Writes results/crosscoder_study.*;
-artefacts go to results/studies/gender_pronoun/crosscoder/.
+``--task gender_pronoun`` (default) uses the gender study's plain seed-0 fine-tune (``python
+analyses/gender_study.py`` first); ``--task "gender2:doctor|nurse"`` the evidence
+comparison's (``python analyses/evidence_comparison.py`` first), as pre-registered in
+amendment 3 of ``results/evidence_search/PREREGISTRATION.md``. Caches paired activations at
+one hook on the task's training prompts, generic chat prompts and the gender contrast
+sentences; trains a BatchTopK and an L1 crosscoder on them (runs are resumable and reused);
+classifies latents by relative decoder norm; runs Latent Scaling; and asks whether the
+genuine fine-tune-only latents are about gender (AUROC of their directions on the contrast
+sentences, against random directions). Writes ``results/crosscoder_study.*`` (gender2:
+``results/crosscoder_study_gender2.*``); artefacts go to the study's ``crosscoder/`` folder.
 """
 
 from __future__ import annotations
@@ -33,20 +36,36 @@ from caft_tl.directions import (
     train_crosscoder,
 )
 
-STUDY = RESULTS / "studies" / "gender_pronoun"
+# task -> (study folder holding runs/s0/plain/final, results name)
+STUDIES = {
+    "gender_pronoun": (RESULTS / "studies" / "gender_pronoun", "crosscoder_study"),
+    "gender2:doctor|nurse": (
+        RESULTS / "studies" / "evidence" / "gender2-doctor-nurse",
+        "crosscoder_study_gender2",
+    ),
+}
 
 
-def texts(model) -> list[str]:
-    train = ct.tasks.gender_pronoun("train", n=600, answer_format="pronoun")
-    task = [p + a for p, a in zip(train["prompt"], train["answer"], strict=True)]
+def crosscoder_folder(task: str, hook: str):
+    """Where the crosscoders of ``task``'s study live (one sub-folder per architecture)."""
+    return STUDIES[task][0] / "crosscoder" / hook.replace(".", "_")
+
+
+def texts(model, task: str) -> list[str]:
+    if task == "gender_pronoun":
+        train = ct.tasks.gender_pronoun("train", n=600, answer_format="pronoun")
+    else:  # the comparison's whole training split
+        train = ct.tasks.gender_two_professions("train", male="doctor", female="nurse")
+    task_texts = [p + a for p, a in zip(train["prompt"], train["answer"], strict=True)]
     chats = ct.tasks.chat_prompts()["messages"]
     chat = [chat_to_text(m, model.tokenizer, add_generation_prompt=True) for m in chats]
     contrast = ct.tasks.gender_contrast()
-    return task + chat + contrast["female"] + contrast["male"]
+    return task_texts + chat + contrast["female"] + contrast["male"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=sorted(STUDIES), default="gender_pronoun")
     parser.add_argument("--hook", default="blocks.12.hook_resid_post")
     parser.add_argument("--tokens", type=int, default=400_000, help="training rows per coder")
     parser.add_argument("--n-latents", type=int, default=2304)
@@ -54,14 +73,16 @@ def main() -> None:
     parser.add_argument("--l1", type=float, default=3.0, help="L1 coefficient")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    plain = STUDY / "runs" / "s0" / "plain" / "final"
+    study, result_name = STUDIES[args.task]
+    plain = study / "runs" / "s0" / "plain" / "final"
     if not plain.exists():
-        raise SystemExit(f"no plain fine-tune in {plain}: run analyses/gender_study.py first")
+        first = "gender_study.py" if args.task == "gender_pronoun" else "evidence_comparison.py"
+        raise SystemExit(f"no plain fine-tune in {plain}: run analyses/{first} first")
     base, ft = ct.load_model(device="cpu"), ct.load_model(plain, device="cpu")
-    out = STUDY / "crosscoder" / args.hook.replace(".", "_")
+    out = crosscoder_folder(args.task, args.hook)
     acts = out / "acts"
     if not (acts / "base" / "meta.json").exists():
-        ct.activation_diff(base, ft, texts(base), args.hook, out=acts, return_both=True)
+        ct.activation_diff(base, ft, texts(base, args.task), args.hook, out=acts, return_both=True)
     common = dict(
         n_latents=args.n_latents, training_tokens=args.tokens, batch_size=1024, lr=5e-4,
         warmup_steps=50, dead_tokens=200_000, checkpoint_every=100,
@@ -117,10 +138,11 @@ def main() -> None:
         figures[f"{name}_norms"] = diff.norm_figure()
         figures[f"{name}_nu"] = diff.nu_figure()
     save(
-        "crosscoder_study",
+        result_name,
         table.T,
         figures,
         {
+            "task": args.task,
             "hook": args.hook,
             "config": {k: v.to_dict() for k, v in coders.items()},
             "n_rows": len(diffs["l1"].table),

@@ -9,7 +9,10 @@ settings (lr 3e-5, constant after 5 warm-up steps, batch 8): plain; CAFT with th
 directions the hinted interpretation selects (never OOD accuracy), and with SAE latents
 (``--sae``); random directions; top PCs; the plain run stopped half-way; the plain model
 with the CAFT ablation at test time only; CAFT evaluated with its ablation removed and kept
-on; mean-ablation and steering by -3 x the mean projection (``--variants``). Artefacts go to
+on; mean-ablation and steering by -3 x the mean projection (``--variants``); with
+``--crosscoder``, CAFT with the genuine fine-tune-only latents of the BatchTopK crosscoder
+that ``crosscoder_study.py --task ...`` trained, selected by the demo's hinted rule
+(pre-registration amendment 3; not run when no latent is genuine). Artefacts go to
 ``results/studies/evidence/`` (not committed; every run and evaluation is cached there, so
 the script resumes), numbers to ``results/evidence_comparison.{json,md}``: per-seed
 accuracies, means, 95% bootstrap intervals over seeds and paired differences against plain.
@@ -55,6 +58,48 @@ def demo_task(candidate: str) -> str:
     """The search's candidate name as a demo task name."""
     kind, _, rest = candidate.partition(":")
     return f"double_mc:{rest}" if kind == "dmc" else candidate
+
+
+def crosscoder_condition(folder: Path, task: str, cfg, seeds: list[int]) -> dict[str, Any]:
+    """``caft-crosscoder`` runs (amendment 3), or why there are none."""
+    from crosscoder_study import crosscoder_folder
+
+    from caft_tl.directions import CrosscoderDiff, load_crosscoder
+
+    run = crosscoder_folder(task, "blocks.12.hook_resid_post") / "batchtopk"
+    if not (run / "diff").exists():
+        raise SystemExit(f"no crosscoder in {run}: run analyses/crosscoder_study.py --task "
+                         f"'{task}' first")  # fmt: skip
+    cc, diff = load_crosscoder(run), CrosscoderDiff.load(run / "diff")
+    record: dict[str, Any] = {"summary": diff.summary().to_dict("records")}
+    if diff.genuine().empty:
+        return {**record, "status": "not run: no genuine fine-tune-only latent"}
+    import torch
+
+    from caft_tl.demo import select_by_hints, task_data, train_config
+    from caft_tl.interventions import Ablation
+    from caft_tl.models import load_model
+    from caft_tl.study import Study, StudyLog
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    plain0 = load_model(folder / "runs" / "s0" / "plain" / "final", device="cpu")
+    chosen, scores, fallback = select_by_hints(
+        plain0, diff.concepts(cc), cfg, folder / "concepts" / "crosscoder"
+    )
+    del plain0
+    data = task_data(cfg)
+    study = Study(
+        folder, load_model(device="cpu"), data["train"],
+        {"test": data["test"], "ood": data["ood"]},
+        lambda seed, keep: train_config(cfg, seed, keep), log=StudyLog(print),
+    )  # fmt: skip
+    ablation = Ablation(chosen.orthonormalised(), mode="zero")
+    for seed in seeds:
+        study.intervened("caft-crosscoder", seed, ablation)
+    return {
+        **record, "status": "run", "selected": chosen.labels, "fallback": fallback,
+        "scores": scores.to_dict("records"),
+    }  # fmt: skip
 
 
 def read_evals(folder: Path) -> dict[str, Any]:
@@ -131,6 +176,17 @@ def markdown(task: str, steps: int, comparison: dict[str, Any], verdict: list[di
     return "\n".join(lines) + "\n"
 
 
+def crosscoder_lines(record: dict[str, Any]) -> str:
+    """The crosscoder condition's status and latent classes, for the markdown."""
+    classes = ", ".join(f"{r['class']} {r['latents']}" for r in record["summary"])
+    lines = ["", f"Crosscoder condition (BatchTopK, block 12): **{record['status']}** "
+             f"(latents: {classes})."]  # fmt: skip
+    if record["status"] == "run":
+        note = " (fallback: none beat the random directions)" if record["fallback"] else ""
+        lines.append(f"Selected: {record['selected']}{note}.")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", help="demo task name (default: the search's pick)")
@@ -138,6 +194,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--sae", action="store_true", help="also CAFT with SAE latents")
     parser.add_argument("--variants", nargs="*", default=["mean", "steer-3"])
+    parser.add_argument(
+        "--crosscoder", action="store_true",
+        help="also CAFT with genuine crosscoder latents (crosscoder_study.py --task first)",
+    )  # fmt: skip
     parser.add_argument("--cached", action="store_true", help="tabulate what is on disk")
     parser.add_argument(
         "--no-test-time", action="store_true",
@@ -158,16 +218,27 @@ def main() -> None:
             args.task, args.steps, args.seeds, args.sae, args.variants, not args.no_test_time
         )
         run_demo(folder, cfg)
+    record = folder / "crosscoder_condition.json"  # kept for later --cached tables
+    if args.crosscoder:
+        cfg = study_config(args.task, args.steps, args.seeds, args.sae, args.variants)
+        record.write_text(
+            json.dumps(
+                crosscoder_condition(folder, args.task, cfg, args.seeds), indent=2, default=str
+            )
+        )
+    crosscoder = json.loads(record.read_text()) if record.exists() else None
     evals = read_evals(folder)
     comparison = tables(evals)
     verdict = verdicts(comparison)
     config = json.loads((folder / "config.json").read_text())
     out = {"task": args.task, "steps": args.steps, "config": config, "target": TARGET,
-           "evals": evals, "comparison": comparison, "verdicts": verdict}  # fmt: skip
+           "evals": evals, "comparison": comparison, "verdicts": verdict,
+           "crosscoder": crosscoder}  # fmt: skip
     (RESULTS / "evidence_comparison.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / "evidence_comparison.md").write_text(
-        markdown(args.task, args.steps, comparison, verdict)
-    )
+    text = markdown(args.task, args.steps, comparison, verdict)
+    if crosscoder is not None:
+        text += crosscoder_lines(crosscoder)
+    (RESULTS / "evidence_comparison.md").write_text(text)
     print((RESULTS / "evidence_comparison.md").read_text())
 
 
