@@ -276,6 +276,25 @@ def test_kill_and_resume_equals_straight_run(model, ablation, tmp_path):
     assert_same(weights(load_model(out / "checkpoint", device="cpu")), straight)
 
 
+def test_a_finished_run_checkpoints_without_the_optimizer_and_resumes_as_done(model, tmp_path):
+    cfg = fast(max_steps=3, batch_size=3, save_every=2)
+    out = tmp_path / "run"
+    trained = weights(finetune(model, CHATS, cfg, out=out))
+    # The last checkpoint holds the weights and where the run stands, not AdamW's moments
+    # (nothing is left to train with them); a periodic one keeps them for resuming.
+    assert not (out / "checkpoint" / "optimizer.pt").exists()
+    assert json.loads((out / "checkpoint/trainer_state.json").read_text())["step"] == 3
+    assert_same(weights(load_model(out / "checkpoint", device="cpu")), trained)
+    metrics = (out / "metrics.jsonl").read_text()
+    again = finetune(model, CHATS, cfg, out=out, resume=True)  # trains no step
+    assert_same(weights(again), trained)
+    assert (out / "metrics.jsonl").read_text() == metrics
+    killed = tmp_path / "killed"
+    with pytest.raises(Kill):
+        finetune(model, CHATS, cfg, out=killed, callback=kill_after(2))
+    assert (killed / "checkpoint" / "optimizer.pt").exists()
+
+
 def test_metrics_lines(model, tmp_path):
     finetune(model, CHATS, fast(max_steps=4, eval_every=2), eval_data=CHATS[:2], out=tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

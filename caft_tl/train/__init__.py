@@ -19,8 +19,10 @@ Conventions:
   ends.
 - ``out/`` holds ``run.json`` (config + data fingerprint), ``metrics.jsonl`` (one line per
   step), ``checkpoint/`` (weights in :func:`caft_tl.models.save_model` format, loadable with
-  ``load_model``, plus optimiser, scheduler and RNG states), ``step-N/`` snapshots for the
-  steps in ``cfg.keep_checkpoints`` and ``final/`` (the model).
+  ``load_model``, plus optimiser, scheduler and RNG states; the last step's checkpoint
+  leaves the optimiser state out, as a finished run has nothing left to train),
+  ``step-N/`` snapshots for the steps in ``cfg.keep_checkpoints`` and ``final/`` (the
+  model).
 - With ``cfg.lora`` only low-rank adapters train (:mod:`caft_tl.lora`); every saved model
   (checkpoint, snapshots, final) is the merged plain model, and the returned model is merged
   too. The checkpoint also holds the adapters (``lora.safetensors``) for resuming, which

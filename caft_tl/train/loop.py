@@ -188,7 +188,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, plan.total, plan.warmup, cfg.schedule)
         )
-        if progress.resume_from is not None:
+        if progress.resume_from is not None and progress.step < plan.total:
             load_checkpoint_training(
                 progress.resume_from, self.optimizer, self.scheduler, self.sharded is not None
             )

@@ -128,14 +128,17 @@ def _plain(model: HookedTransformer) -> HookedTransformer:
 
 
 def save_checkpoint(
-    folder: Path, model, optimizer_state: dict, scheduler, state: dict, identity: dict
+    folder: Path, model, optimizer_state: dict | None, scheduler, state: dict, identity: dict
 ) -> None:
-    """``model``: the plain (unsharded) training model, LoRA adapters attached."""
+    """``model``: the plain (unsharded) training model, LoRA adapters attached.
+    ``optimizer_state`` None: the checkpoint of a finished run, without the AdamW moments
+    (twice the model's size, and nothing is left to train with them)."""
     with atomic_folder(folder, overwrite=True) as tmp:
         save_model(_plain(model), tmp, metadata={"train_step": state["step"]})
         if has_lora(model):
             write_tensors(lora_state_dict(model), tmp / LORA_FILE)
-        torch.save(optimizer_state, tmp / "optimizer.pt")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -249,7 +252,9 @@ class RunFolder:
         step, cfg = record["step"], self.cfg
         checkpoints = _checkpoints_at(cfg, step, self.total)
         saves = self.requested and _saves_at(cfg, step, self.total)
-        plain, optimizer_state = trainer.saved_state(saves, checkpoints)
+        # The last step's checkpoint only marks the run finished: a resumed finished run
+        # trains no further, so the optimiser state (about 1 GB for SmolLM2) stays out.
+        plain, optimizer_state = trainer.saved_state(saves, checkpoints and step < self.total)
         if self.path is not None:
             with open(self.path / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -287,8 +292,9 @@ def _saves_at(cfg: TrainConfig, step: int, total: int) -> bool:
 
 
 def tidy_run(folder: Path, *, keep_final: bool, keep_all: bool) -> None:
-    """Free the disk once a fine-tuning run is evaluated: its resumable state (weights plus
-    AdamW moments, about 1.9 GB for SmolLM2) always; its kept snapshots (``step-*``) and
+    """Free the disk once a fine-tuning run is evaluated: its checkpoint (0.6 GB for
+    SmolLM2 when finished, plus 1.1 GB of AdamW moments when not) always; its kept
+    snapshots (``step-*``) and
     final model (0.6 GB each) unless ``keep_all``, the final one also kept with
     ``keep_final``. run.json and metrics.jsonl stay as the run's record."""
     doomed = [folder / "checkpoint"]
