@@ -113,3 +113,32 @@ def test_hook_on_rows_are_not_judged_against_the_target():
         evals[f"plain/s{seed}"] = {"test": {"accuracy": 1.0}, "ood": {"accuracy": 0.0}}
         evals[f"caft-pca+hook/s{seed}"] = {"test": {"accuracy": 1.0}, "ood": {"accuracy": 0.9}}
     assert comparison.verdicts(comparison.tables(evals)) == []
+
+
+@pytest.mark.slow
+def test_the_cheapest_benchmark_runs_its_quick_mode(tmp_path):
+    # bench_pca --quick (about a minute on 2 cores) exercises the shared benchmark helpers
+    # end to end: child processes, memory probes, the JSON record and the Markdown table.
+    import json
+    import subprocess
+
+    out = tmp_path / "pca_quick.json"
+    script = ANALYSES / "benchmarks" / "bench_pca.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--output", str(out)], check=True)
+    result = json.loads(out.read_text())
+    assert result["mode"] == "quick" and len(result["runs"]) == 2
+    assert all(run["ours"]["tokens_per_s"] > 0 for run in result["runs"])
+    assert result["memory_growth"]["ours"] > 0
+    assert result["markdown_table"].startswith("|")
+
+
+def test_crosscoder_condition_lines_say_why_it_did_not_run():
+    comparison = load("evidence_comparison")
+    summary = [{"class": "shared", "latents": 2000}, {"class": "finetuned-only", "latents": 0}]
+    text = comparison.crosscoder_lines(
+        {"summary": summary, "status": "not run: no genuine fine-tune-only latent"}
+    )
+    assert "**not run: no genuine fine-tune-only latent**" in text
+    assert "shared 2000, finetuned-only 0" in text
+    ran = {"summary": summary, "status": "run", "selected": {"h": ["latent 7"]}, "fallback": True}
+    assert "fallback" in comparison.crosscoder_lines(ran)

@@ -150,8 +150,8 @@ pd.DataFrame(rows).set_index("sub-task").round(3)
 # fine-tunes with the selected directions ablated, the random-direction and top-PC controls,
 # the plain model with CAFT's ablation at test time only (`plain+ablate-pca`), the CAFT model
 # with its ablation kept on (`caft-pca+hook`), and a report. Here, on the two-profession task:
-# one seed, 10 steps, 40 evaluation examples per split. Every artefact lands in `out/`, and
-# running the cell again reuses them.
+# one seed, 5 steps of 4 examples, 40 evaluation examples per split, 30 random directions in
+# the null. Every artefact lands in `out/`, and running the cell again reuses them.
 
 # %%
 out = Path(tempfile.mkdtemp(prefix="caft-study-"))
@@ -160,7 +160,8 @@ cfg = DemoConfig(
     seeds=[0],
     n_train=80,
     n_eval=40,
-    max_steps=10,
+    max_steps=5,
+    batch_size=4,
     lr=5e-5,
     warmup_steps=1,
     schedule="constant",
@@ -169,19 +170,20 @@ cfg = DemoConfig(
     n_direction_prompts=40,
     n_chat_prompts=40,
     n_hint_pairs=60,
+    n_null=30,
 )
 results = run_demo(out, cfg, model=model)
 summary_table(results)
 
 # %%
-accuracy_figure(results, title="Tiny study (1 seed, 10 steps): mechanics only")
+accuracy_figure(results, title="Tiny study (1 seed, 5 steps): mechanics only")
 
 # %% [markdown]
 # Which principal components were selected, and how well each separates the gender contrast
 # sets: the share of matched pairs ("She ..." / "He ...") whose female sentence projects
 # higher (0.5 = not at all). Random directions separate such pairs too (gender is written all
 # over the residual stream), so a direction is selected only when its separation beats that of
-# every one of 100 random directions at its hook (`threshold`):
+# every one of the 30 random directions at its hook (`threshold`):
 
 # %%
 d = results["directions"]["pca"]

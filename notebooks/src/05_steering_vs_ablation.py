@@ -79,6 +79,7 @@ else:
     cfg = DemoConfig.quick(
         n_train=48,
         max_steps=6,
+        batch_size=4,
         n_direction_prompts=24,
         n_chat_prompts=24,
         n_hint_pairs=40,
@@ -125,7 +126,7 @@ shift.figure()
 # `c = 0`: a marker on its curve means the ablation does what its shift does.
 
 # %%
-sweep = steering_vs_ablation(base, concepts, ood, coefs=[-4, -2, -1, 0, 2, 4])
+sweep = steering_vs_ablation(base, concepts, ood, coefs=[-3, -1, 0, 3])
 sweep.figure()
 
 # %% [markdown]
@@ -147,20 +148,20 @@ report.round(3)
 # The same fine-tune with no intervention, zero-ablation (CAFT), its activation-only half
 # (`detached`: `h - stopgrad(Q Q^T h)`), its gradient-only half (`gradient`: forward unchanged,
 # backward `g - Q Q^T g`) and steering by `±3 x` the base model's mean projection. One seed
-# and 4 steps here (mechanics only: too few to learn anything); `analyses/decomposition_study.py`
-# runs the full size (3 seeds, 30 steps, k = 3 and 5).
+# and 3 steps of 4 examples here (mechanics only: too few to learn anything);
+# `analyses/decomposition_study.py` runs the full size (3 seeds, 30 steps, k = 3 and 5).
 
 # %%
 train = ct.tasks.gender_pronoun("train", n=32, answer_format="pronoun")
 splits = {"test": ct.tasks.gender_pronoun("test", n=32, answer_format="pronoun"), "ood": ood}
-train_cfg = ct.TrainConfig(max_steps=4, lr=5e-5, batch_size=8, warmup_steps=1, progress=False)
+train_cfg = ct.TrainConfig(max_steps=3, lr=5e-5, batch_size=4, warmup_steps=1, progress=False)
 results = training_decomposition(
     base, train, concepts, splits, train_cfg, out / "decomposition", seeds=[0], ks=[3.0]
 )
 decomposition_table(results).round(3)
 
 # %%
-decomposition_figure(results, title="Training decomposition (1 seed, 4 steps: mechanics only)")
+decomposition_figure(results, title="Training decomposition (1 seed, 3 steps: mechanics only)")
 
 # %% [markdown]
 # Everything above in one self-contained HTML page (the CLI writes the same page):
