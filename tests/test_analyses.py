@@ -142,3 +142,59 @@ def test_crosscoder_condition_lines_say_why_it_did_not_run():
     assert "shared 2000, finetuned-only 0" in text
     ran = {"summary": summary, "status": "run", "selected": {"h": ["latent 7"]}, "fallback": True}
     assert "fallback" in comparison.crosscoder_lines(ran)
+
+
+def test_crosscoder_condition_runs_selected_genuine_latents_on_every_seed(monkeypatch, tmp_path):
+    # The wiring of the branch that runs (no real crosscoder has had a genuine latent yet):
+    # the demo's rule selects among the genuine latents' directions and every seed trains
+    # with their zero-ablation under the study's cache.
+    import pandas as pd
+    import torch
+
+    import caft_tl.demo
+    import caft_tl.models
+    import caft_tl.study
+
+    comparison = load("evidence_comparison")
+    monkeypatch.syspath_prepend(str(ANALYSES))
+    import crosscoder_study
+
+    import caft_tl as ct
+    import caft_tl.directions as directions
+
+    run = tmp_path / "cc" / "batchtopk"
+    (run / "diff").mkdir(parents=True)
+    concepts = ct.ConceptSet({"blocks.0.hook_resid_post": torch.eye(4)[:2]})
+
+    class Diff:
+        def summary(self):
+            return pd.DataFrame([{"class": "finetuned-only", "latents": 2}])
+
+        def genuine(self):
+            return pd.DataFrame({"latent": [3, 5]})
+
+        def concepts(self, cc):
+            return concepts
+
+    monkeypatch.setattr(crosscoder_study, "crosscoder_folder", lambda task, hook: run.parent)
+    monkeypatch.setattr(directions, "load_crosscoder", lambda path: "cc")
+    monkeypatch.setattr(directions.CrosscoderDiff, "load", staticmethod(lambda path: Diff()))
+    monkeypatch.setattr(caft_tl.models, "load_model", lambda *a, **k: "model")
+    monkeypatch.setattr(
+        caft_tl.demo, "task_data", lambda cfg: dict.fromkeys(("train", "test", "ood"))
+    )
+    picked = concepts.select({"blocks.0.hook_resid_post": [1]})
+    monkeypatch.setattr(caft_tl.demo, "select_by_hints", lambda *a: (picked, pd.DataFrame(), False))
+    calls = []
+
+    class FakeStudy:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def intervened(self, name, seed, intervention):
+            calls.append((name, seed, intervention.concepts.n_directions))
+
+    monkeypatch.setattr(caft_tl.study, "Study", FakeStudy)
+    record = comparison.crosscoder_condition(tmp_path, "gender2:doctor|nurse", None, [0, 1, 2])
+    assert record["status"] == "run" and record["fallback"] is False
+    assert calls == [("caft-crosscoder", s, 1) for s in (0, 1, 2)]
