@@ -74,25 +74,17 @@ def crosscoder_condition(folder: Path, task: str, cfg, seeds: list[int]) -> dict
     record: dict[str, Any] = {"summary": diff.summary().to_dict("records")}
     if diff.genuine().empty:
         return {**record, "status": "not run: no genuine fine-tune-only latent"}
-    import torch
-
-    from caft_tl.demo import select_by_hints, task_data, train_config
+    from caft_tl.demo import demo_study, select_by_hints, task_data
     from caft_tl.interventions import Ablation
     from caft_tl.models import load_model
-    from caft_tl.study import Study, StudyLog
+    from caft_tl.study import StudyLog
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     plain0 = load_model(folder / "runs" / "s0" / "plain" / "final", device="cpu")
     chosen, scores, fallback = select_by_hints(
         plain0, diff.concepts(cc), cfg, folder / "concepts" / "crosscoder"
     )
     del plain0
-    data = task_data(cfg)
-    study = Study(
-        folder, load_model(device="cpu"), data["train"],
-        {"test": data["test"], "ood": data["ood"]},
-        lambda seed, keep: train_config(cfg, seed, keep), log=StudyLog(print),
-    )  # fmt: skip
+    study = demo_study(folder, cfg, load_model(device="cpu"), task_data(cfg), StudyLog(print))
     ablation = Ablation(chosen.orthonormalised(), mode="zero")
     for seed in seeds:
         study.intervened("caft-crosscoder", seed, ablation)
@@ -208,19 +200,19 @@ def main() -> None:
         candidate, steps = chosen_setting()
         args.task, args.steps = args.task or demo_task(candidate), args.steps or steps
     folder = RESULTS / "studies" / "evidence" / args.task.replace(":", "-").replace("|", "-")
-    if not args.cached:
+    cfg = study_config(
+        args.task, args.steps, args.seeds, args.sae, args.variants, not args.no_test_time
+    )
+    if not args.cached or args.crosscoder:  # something trains
         import torch
 
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    if not args.cached:
         from caft_tl.demo import run_demo
 
-        torch.set_num_threads(min(2, torch.get_num_threads()))
-        cfg = study_config(
-            args.task, args.steps, args.seeds, args.sae, args.variants, not args.no_test_time
-        )
         run_demo(folder, cfg)
     record = folder / "crosscoder_condition.json"  # kept for later --cached tables
     if args.crosscoder:
-        cfg = study_config(args.task, args.steps, args.seeds, args.sae, args.variants)
         record.write_text(
             json.dumps(
                 crosscoder_condition(folder, args.task, cfg, args.seeds), indent=2, default=str

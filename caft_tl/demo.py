@@ -46,7 +46,14 @@ from caft_tl.study import Study, StudyLog
 from caft_tl.train import tidy_run
 from caft_tl.viz import demo_report, summary_table
 
-__all__ = ["DemoConfig", "demo_concepts", "run_demo", "select_by_hints", "summary_table"]
+__all__ = [
+    "DemoConfig",
+    "demo_concepts",
+    "demo_study",
+    "run_demo",
+    "select_by_hints",
+    "summary_table",
+]
 
 RESULTS_FORMAT = "caft_tl.demo_results"
 
@@ -472,7 +479,7 @@ def demo_concepts(
     log = StudyLog(echo)
     base = model if model is not None else log.timed("load", lambda: load_model(device="cpu"))
     data = task_data(cfg)
-    study, seed = _study(out, cfg, base, data, log), cfg.seeds[0]
+    study, seed = demo_study(out, cfg, base, data, log), cfg.seeds[0]
     folder = out / "runs" / f"s{seed}" / "plain"
     plain = study.train("plain", seed, keep=study.keep)
     tidy_run(
@@ -505,7 +512,7 @@ def run_demo(
     log = StudyLog(echo)
     base = model if model is not None else log.timed("load", lambda: load_model(device="cpu"))
     data = task_data(cfg)
-    study = _study(out, cfg, base, data, log)
+    study = demo_study(out, cfg, base, data, log)
     log(f"base model: ID and OOD accuracy on {cfg.n_eval} examples each")
     study.evaluate("base", base)
 
@@ -594,8 +601,10 @@ def _variants(base: Any, concepts: Any, train: Any, cfg: DemoConfig) -> dict[str
     return {f"caft-pca-{name}": intervention for name, intervention in made.items()}
 
 
-def _study(out: Path, cfg: DemoConfig, base: Any, data: dict[str, Any], log: StudyLog) -> Study:
-    """The demo's runs on the one condition x seed runner (:class:`caft_tl.study.Study`)."""
+def demo_study(out: Path, cfg: DemoConfig, base: Any, data: dict[str, Any], log: StudyLog) -> Study:
+    """The demo's runs on the one condition x seed runner (:class:`caft_tl.study.Study`):
+    its training config, splits, learned-less snapshots and model keeping. Public so that
+    a study adding a condition to a demo folder trains it exactly as the demo would."""
     keep = [cfg.learned_less_step] if cfg.learned_less_step else []
     splits = {split: data[split] for split in ("test", "ood")}
     return Study(

@@ -153,7 +153,6 @@ def test_crosscoder_condition_runs_selected_genuine_latents_on_every_seed(monkey
 
     import caft_tl.demo
     import caft_tl.models
-    import caft_tl.study
 
     comparison = load("evidence_comparison")
     monkeypatch.syspath_prepend(str(ANALYSES))
@@ -194,7 +193,9 @@ def test_crosscoder_condition_runs_selected_genuine_latents_on_every_seed(monkey
         def intervened(self, name, seed, intervention):
             calls.append((name, seed, intervention.concepts.n_directions))
 
-    monkeypatch.setattr(caft_tl.study, "Study", FakeStudy)
-    record = comparison.crosscoder_condition(tmp_path, "gender2:doctor|nurse", None, [0, 1, 2])
+    monkeypatch.setattr(caft_tl.demo, "Study", FakeStudy)
+    task = "gender2:doctor|nurse"
+    cfg = comparison.study_config(task, 36, [0, 1, 2], sae=False, variants=[])
+    record = comparison.crosscoder_condition(tmp_path, task, cfg, [0, 1, 2])
     assert record["status"] == "run" and record["fallback"] is False
     assert calls == [("caft-crosscoder", s, 1) for s in (0, 1, 2)]
