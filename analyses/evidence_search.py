@@ -31,8 +31,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 FOLDER = HERE / "results" / "evidence_search"
 DEFAULT_CANDIDATES = ["gender2:doctor|nurse"]
-
-
 CRITERION = {"min_id": 0.90, "max_ood": 0.30, "min_n": 150, "seeds": [0, 1, 2]}
 SCREEN_OOD = 0.60  # seed 0 above this at every length: seeds 1-2 are not run
 DMC_N = {"train": 320, "test": 200, "ood": 200}
