@@ -150,17 +150,23 @@ def settings_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         table.append({
             "candidate": name, "epochs": epoch, "steps": rows[0]["step"], "seeds": seeds,
             "id": ids, "ood": oods, "mean_id": mean_id, "mean_ood": mean_ood, "n_min": n_min,
-            "verdict": _verdict(qualifies, complete, screened_out(runs, name)),
+            "verdict": _verdict(qualifies, complete, screened_epochs(runs, name)),
         })  # fmt: skip
     return table
 
 
-def _verdict(qualifies: bool, complete: bool, screened: bool) -> str:
+def _verdict(qualifies: bool, complete: bool, screened_epochs: int) -> str:
+    """``screened_epochs``: how many epochs seed 0 ran when the screen ruled the candidate
+    out (5, or 2 under amendment 4), else 0."""
     if qualifies:
         return "qualifies"
     if complete:
         return "fails"
-    return f"screened out (seed 0 OOD > {SCREEN_OOD} throughout)" if screened else "incomplete"
+    if screened_epochs:
+        return (
+            f"screened out (seed 0 OOD > {SCREEN_OOD} after each of its {screened_epochs} epochs)"
+        )
+    return "incomplete"
 
 
 def not_run(runs: list[dict[str, Any]]) -> list[str]:
@@ -178,6 +184,13 @@ def chosen_setting(table: list[dict[str, Any]]) -> dict[str, Any] | None:
 def screened_out(runs: list[dict[str, Any]], name: str) -> bool:
     seed0 = [r for r in runs if r["candidate"] == name and r["seed"] == 0]
     return bool(seed0) and all(row["ood"]["accuracy"] > SCREEN_OOD for row in seed0[0]["epochs"])
+
+
+def screened_epochs(runs: list[dict[str, Any]], name: str) -> int:
+    """The number of epochs seed 0 ran if the screen rules ``name`` out, else 0."""
+    if not screened_out(runs, name):
+        return 0
+    return len(next(r for r in runs if r["candidate"] == name and r["seed"] == 0)["epochs"])
 
 
 def markdown(table: list[dict[str, Any]], choice: dict[str, Any] | None, missing: list[str]) -> str:
@@ -203,7 +216,7 @@ def markdown(table: list[dict[str, Any]], choice: dict[str, Any] | None, missing
     lines += ["", f"Chosen for the demo (fewest steps, then lowest OOD): **{pick}**."]
     if missing:
         names = ", ".join(f"`{m}`" for m in missing)
-        lines += ["", f"Not run (pre-registered, not reached; amendment 2): {names}."]
+        lines += ["", f"Not run (pre-registered, not reached; amendments 2 and 4): {names}."]
     return "\n".join(lines) + "\n"
 
 

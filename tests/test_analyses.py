@@ -64,6 +64,7 @@ def test_search_criterion_and_pick_rule():
     assert not search.screened_out([run("e", 0, [(1.0, 0.7), (1.0, 0.5)])], "e")
     screened = search.settings_table([run("e", 0, [(1.0, 0.7), (1.0, 0.65)])])
     assert all(r["verdict"].startswith("screened out") for r in screened)
+    assert all("after each of its 2 epochs" in r["verdict"] for r in screened)
     assert "gender2:doctor|nurse" in search.not_run(runs)
     assert len(search.all_candidates()) == 25  # gender2 and 12 ordered pairs x 2 positions
     md = search.markdown(list(table.values()), pick, ["dmc:verbs|sentiment:first"])
