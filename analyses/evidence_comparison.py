@@ -16,6 +16,9 @@ that ``crosscoder_study.py --task ...`` trained, selected by the demo's hinted r
 ``results/studies/evidence/`` (not committed; every run and evaluation is cached there, so
 the script resumes), numbers to ``results/evidence_comparison.{json,md}``: per-seed
 accuracies, means, 95% bootstrap intervals over seeds and paired differences against plain.
+Every other qualifying setting of the search (e.g. the same task trained two epochs) runs
+with ``--task`` and ``--steps`` into its own folder and
+``results/evidence_comparison_<task>-<steps>steps.{json,md}``; the pick's table lists them.
 ``--cached`` tabulates the evaluations already on disk (also part-way through).
 """
 
@@ -45,13 +48,50 @@ def study_config(
     )  # fmt: skip
 
 
-def chosen_setting() -> tuple[str, int]:
+def chosen_setting() -> tuple[str, int] | None:
+    """The search's pick as (demo task, steps), or None when nothing qualified."""
     from caft_tl.viz import search_table
 
     search = search_table()  # the search's table, as the package ships it
     if search is None or search["chosen"] is None:
-        raise SystemExit("the evidence search chose no setting: nothing qualifies")
-    return search["chosen"]["candidate"], search["chosen"]["steps"]
+        return None
+    return demo_task(search["chosen"]["candidate"]), search["chosen"]["steps"]
+
+
+def qualifying_settings() -> list[tuple[str, int]]:
+    """Every (demo task, steps) the search found qualifying, the pick first."""
+    from caft_tl.viz import search_table
+
+    search = search_table() or {"settings": [], "chosen": None}
+    rows = [r for r in search["settings"] if r["verdict"] == "qualifies"]
+    rows.sort(key=lambda r: r != search["chosen"])
+    return [(demo_task(r["candidate"]), r["steps"]) for r in rows]
+
+
+def setting_paths(task: str, steps: int, pick: tuple[str, int] | None) -> tuple[Path, str]:
+    """The study folder and the results' file stem of one setting. The search's pick keeps
+    the plain names (``evidence/<task>``, ``evidence_comparison``); any other setting (e.g.
+    the same task trained longer) gets its own folder and files, so caches never mix."""
+    slug = task.replace(":", "-").replace("|", "-")
+    if (task, steps) == pick:
+        return RESULTS / "studies" / "evidence" / slug, "evidence_comparison"
+    name = f"{slug}-{steps}steps"
+    return RESULTS / "studies" / "evidence" / name, f"evidence_comparison_{name}"
+
+
+def other_settings_lines(pick: tuple[str, int] | None) -> str:
+    """Which other qualifying settings have a comparison file, for the pick's markdown."""
+    lines = []
+    for task, steps in qualifying_settings():
+        if (task, steps) == pick:
+            continue
+        stem = setting_paths(task, steps, pick)[1]
+        done = (RESULTS / f"{stem}.md").exists()
+        where = f"`results/{stem}.md`" if done else "not run yet (`--task ... --steps ...`)"
+        lines.append(f"- `{task}`, {steps} steps: {where}")
+    if not lines:
+        return ""
+    return "\nOther qualifying settings of the search:\n\n" + "\n".join(lines) + "\n"
 
 
 def demo_task(candidate: str) -> str:
@@ -196,10 +236,15 @@ def main() -> None:
         help="skip the test-time-only and hook-on evaluations in this run (cached ones stay)",
     )  # fmt: skip
     args = parser.parse_args()
+    pick = chosen_setting()
     if args.task is None or args.steps is None:
-        candidate, steps = chosen_setting()
-        args.task, args.steps = args.task or demo_task(candidate), args.steps or steps
-    folder = RESULTS / "studies" / "evidence" / args.task.replace(":", "-").replace("|", "-")
+        if pick is None:
+            raise SystemExit("the evidence search chose no setting: pass --task and --steps")
+        args.task, args.steps = args.task or pick[0], args.steps or pick[1]
+    folder, stem = setting_paths(args.task, args.steps, pick)
+    if args.crosscoder and (args.task, args.steps) != pick:
+        raise SystemExit("--crosscoder: amendment 3 fixes the crosscoder on the search's pick "
+                         f"{pick} only")  # fmt: skip
     cfg = study_config(
         args.task, args.steps, args.seeds, args.sae, args.variants, not args.no_test_time
     )
@@ -226,12 +271,14 @@ def main() -> None:
     out = {"task": args.task, "steps": args.steps, "config": config, "target": TARGET,
            "evals": evals, "comparison": comparison, "verdicts": verdict,
            "crosscoder": crosscoder}  # fmt: skip
-    (RESULTS / "evidence_comparison.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
     text = markdown(args.task, args.steps, comparison, verdict)
     if crosscoder is not None:
         text += crosscoder_lines(crosscoder)
-    (RESULTS / "evidence_comparison.md").write_text(text)
-    print((RESULTS / "evidence_comparison.md").read_text())
+    if (args.task, args.steps) == pick:
+        text += other_settings_lines(pick)
+    (RESULTS / f"{stem}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

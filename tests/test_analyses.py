@@ -88,6 +88,36 @@ def test_comparison_verdict_needs_the_gain_the_interval_and_the_id():
     assert not comparison.verdicts(comparison.tables(four))[0]["meets_target"]  # 4 seeds
 
 
+def test_every_qualifying_setting_gets_its_own_folder_and_table(monkeypatch, tmp_path):
+    import caft_tl.viz
+
+    comparison = load("evidence_comparison")
+    rows = [
+        {"candidate": "gender2:doctor|nurse", "steps": 36, "verdict": "qualifies"},
+        {"candidate": "gender2:doctor|nurse", "steps": 72, "verdict": "qualifies"},
+        {"candidate": "dmc:pronouns|verbs:first", "steps": 40, "verdict": "screened out (...)"},
+    ]
+    table = {"settings": rows, "chosen": rows[0]}
+    monkeypatch.setattr(caft_tl.viz, "search_table", lambda: table)
+    monkeypatch.setattr(comparison, "RESULTS", tmp_path)
+    pick = comparison.chosen_setting()
+    assert pick == ("gender2:doctor|nurse", 36)
+    assert comparison.qualifying_settings() == [pick, ("gender2:doctor|nurse", 72)]
+    # The pick keeps the names its cached runs already have; another length never shares them.
+    assert comparison.setting_paths(*pick, pick) == (
+        tmp_path / "studies" / "evidence" / "gender2-doctor-nurse",
+        "evidence_comparison",
+    )
+    folder, stem = comparison.setting_paths("gender2:doctor|nurse", 72, pick)
+    assert folder.name == "gender2-doctor-nurse-72steps"
+    assert stem == "evidence_comparison_gender2-doctor-nurse-72steps"
+    assert "72 steps: not run yet" in comparison.other_settings_lines(pick)
+    (tmp_path / f"{stem}.md").write_text("# done\n")
+    assert f"`results/{stem}.md`" in comparison.other_settings_lines(pick)
+    table["chosen"] = None
+    assert comparison.chosen_setting() is None
+
+
 SCRIPTS = sorted(
     p.relative_to(ANALYSES).as_posix()
     for p in [*ANALYSES.glob("*.py"), *ANALYSES.glob("benchmarks/*.py")]
