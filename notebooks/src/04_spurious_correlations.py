@@ -32,7 +32,6 @@
 # only show the mechanics.
 
 # %%
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -151,10 +150,11 @@ pd.DataFrame(rows).set_index("sub-task").round(3)
 # the plain model with CAFT's ablation at test time only (`plain+ablate-pca`), the CAFT model
 # with its ablation kept on (`caft-pca+hook`), and a report. Here, on the two-profession task:
 # one seed, 5 steps of 4 examples, 40 evaluation examples per split, 30 random directions in
-# the null. Every artefact lands in `out/`, and running the cell again reuses them.
+# the null. Every artefact lands in `out/` (`runs/04-spurious-correlations/` beside the
+# notebook); running the notebook again reuses them, and deleting the folder starts afresh.
 
 # %%
-out = Path(tempfile.mkdtemp(prefix="caft-study-"))
+out = Path("runs") / "04-spurious-correlations"
 cfg = DemoConfig(
     task="gender2:doctor|nurse",
     seeds=[0],

@@ -38,7 +38,6 @@
 
 # %%
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -61,7 +60,8 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 torch.set_num_threads(2)
 notebook_start = time.perf_counter()
 base = ct.load_model(device="cpu")
-out = Path(tempfile.mkdtemp(prefix="caft-diagnostics-"))
+# Runs, directions and the report land here; running the notebook again reuses the runs.
+out = Path("runs") / "05-steering-vs-ablation"
 
 # %% [markdown]
 # ## The demo's ConceptSet

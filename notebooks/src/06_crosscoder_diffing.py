@@ -60,7 +60,9 @@ from caft_tl.directions import (
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 torch.set_num_threads(2)
 notebook_start = time.perf_counter()
-out = Path(tempfile.mkdtemp(prefix="caft-crosscoder-"))
+# A new folder under runs/ each time: activations stream into fresh shards.
+Path("runs").mkdir(exist_ok=True)
+out = Path(tempfile.mkdtemp(prefix="06-crosscoder-", dir="runs"))
 HOOK = "blocks.12.hook_resid_post"
 base = ct.load_model(device="cpu")
 

@@ -63,7 +63,8 @@ torch.set_num_threads(2)
 notebook_start = time.perf_counter()
 pd.set_option("display.max_colwidth", 90)
 base = ct.load_model(device="cpu")
-work = Path(tempfile.mkdtemp(prefix="caft-freeform-"))
+Path("runs").mkdir(exist_ok=True)
+work = Path(tempfile.mkdtemp(prefix="07-freeform-", dir="runs"))
 
 # %% [markdown]
 # ## 1. Questions
