@@ -74,6 +74,29 @@ def _replace_folder(new: Path, target: Path) -> None:
 
 
 @contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock named after ``path`` (a hidden ``.NAME.lock`` file beside it).
+
+    For build-once caches that several processes may fill at the same moment (torchrun
+    ranks, parallel test workers, two notebooks): the first process builds, the others wait
+    and then find the finished artefact. Without ``fcntl`` (Windows) it does not lock.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(target.parent / f".{target.name}.lock", "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
 def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; when the block succeeds, it becomes ``path``.
 

@@ -35,7 +35,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components import Unembed
 from transformer_lens.utilities import apply_softcap
 
-from caft_tl._io import atomic_folder, write_tensors
+from caft_tl._io import atomic_folder, exclusive_lock, write_tensors
 from caft_tl.fast import accelerate
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -141,11 +141,14 @@ def load_tokenizer(name: str | os.PathLike | None = None):
             path = path / "tokenizer"
         return AutoTokenizer.from_pretrained(str(path))
     folder = cache_dir() / "tokenizers" / f"{EMBEDDED_NAME}-{_embedded_key(embedded_gguf_path())}"
-    if not (folder / "tokenizer_config.json").exists():
-        gguf = embedded_gguf_path()
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        with atomic_folder(folder, overwrite=True) as tmp:
-            tok.save_pretrained(str(tmp))
+    marker = folder / "tokenizer_config.json"
+    if not marker.exists():
+        with exclusive_lock(folder):  # another process may be writing it right now
+            if not marker.exists():
+                gguf = embedded_gguf_path()
+                tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                with atomic_folder(folder, overwrite=True) as tmp:
+                    tok.save_pretrained(str(tmp))
     return AutoTokenizer.from_pretrained(str(folder))
 
 
@@ -416,7 +419,11 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 def _load_embedded(device: str, dtype: torch.dtype) -> HookedTransformer:
     folder = embedded_cache_path()
     if not (folder / CHECKPOINT_MARKER).exists():
-        _convert_embedded(folder)
+        # Several processes may start on an empty cache (torchrun ranks, test workers):
+        # one converts, the others wait for it instead of converting over its folder.
+        with exclusive_lock(folder):
+            if not (folder / CHECKPOINT_MARKER).exists():
+                _convert_embedded(folder)
     return _load_checkpoint(folder, device, dtype)
 
 

@@ -181,6 +181,64 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert models.cache_dir() == tmp_path / "mine"
 
 
+def test_processes_starting_on_an_empty_cache_convert_the_embedded_model_once(
+    monkeypatch, tmp_path
+):
+    # torchrun ranks or parallel test workers on a fresh machine: the first converts, the
+    # others wait for it (before the lock each converted and swapped the folder under the
+    # others' feet).
+    import threading
+    import time
+
+    monkeypatch.setenv("CAFT_TL_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_embedded_key", lambda gguf: "key")
+    conversions = []
+
+    def slow_convert(folder):
+        conversions.append(folder)
+        time.sleep(0.3)
+        folder.mkdir(parents=True)
+        (folder / models.CHECKPOINT_MARKER).write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_embedded", slow_convert)
+    monkeypatch.setattr(models, "_load_checkpoint", lambda folder, device, dtype: folder)
+    loaded = []
+    threads = [
+        threading.Thread(target=lambda: loaded.append(models._load_embedded("cpu", torch.float32)))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(conversions) == 1
+    assert loaded == [models.embedded_cache_path()] * 3
+
+
+def test_exclusive_lock_makes_the_second_holder_wait(tmp_path):
+    import threading
+    import time
+
+    from caft_tl._io import exclusive_lock
+
+    order, held = [], threading.Event()
+
+    def first():
+        with exclusive_lock(tmp_path / "thing"):
+            held.set()
+            time.sleep(0.2)
+            order.append("first released")
+
+    t = threading.Thread(target=first)
+    t.start()
+    held.wait()
+    with exclusive_lock(tmp_path / "thing"):
+        order.append("second acquired")
+    t.join()
+    assert order == ["first released", "second acquired"]
+    assert not (tmp_path / "thing").exists()  # the lock file sits beside, hidden
+
+
 def test_tiny_model_uses_real_tokenizer(tiny_model, tokenizer):
     assert tiny_model.cfg.d_vocab == len(tokenizer)
     tokens = torch.tensor([tokenizer.encode("Hello world", add_special_tokens=False)])
