@@ -4,7 +4,8 @@
     python3 dev.py demo   # create .venv, install everything, run the CAFT study (caft-tl demo)
     python3 dev.py test   # same set-up (if needed), then the whole test suite
 
-Extra arguments go to the command: `python3 dev.py test -k models -x`.
+Extra arguments go to the command: `python3 dev.py test -k models -x`. The tests run on one
+pytest-xdist worker per core (at most four); `python3 dev.py test -n 0` runs them in one process.
 """
 
 from __future__ import annotations
@@ -61,8 +62,20 @@ def main(argv: list[str]) -> int:
         # 1-seed run); artefacts and report.html land in caft-demo/.
         run(BIN / "caft-tl", "demo", *extra)
     elif command == "test":
-        run(BIN / "python", "-m", "pytest", *extra)
+        run(BIN / "python", "-m", "pytest", *parallel_args(extra), *extra)
     return 0
+
+
+def parallel_args(extra: list[str]) -> list[str]:
+    """pytest-xdist workers, one per core up to four (each test worker runs its torch on
+    cores / workers threads, see tests/conftest.py), unless the caller chose (-n, --dist,
+    -p no:xdist)."""
+    chosen = any(a.startswith(("-n", "--numprocesses", "--dist")) or "no:xdist" in a for a in extra)
+    workers = min(4, os.cpu_count() or 1)
+    if chosen or workers < 2:
+        return []
+    # loadscope as tests/conftest.py schedules it: a module's tests on one worker, together.
+    return ["-n", str(workers), "--dist", "loadscope"]
 
 
 if __name__ == "__main__":

@@ -45,10 +45,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_foundation import load_hf, machine_info  # noqa: E402
+from bench_foundation import THREADS, load_hf, machine_info  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
-THREADS = 2
 BATCH = 8
 NEW_TOKENS = 64
 TARGET_RATIO = 1.2

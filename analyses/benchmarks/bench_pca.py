@@ -47,6 +47,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 from bench_foundation import (  # noqa: E402  (shared helpers of the sibling benchmark)
+    THREADS,
     emit,
     malloc_trim,
     reset_peak_rss,
@@ -55,7 +56,6 @@ from bench_foundation import (  # noqa: E402  (shared helpers of the sibling ben
 )
 
 RESULTS_DIR = HERE / "results"
-THREADS = 2
 WIDTH = 576  # SmolLM2-135M d_model
 K = 20  # CAFT's number of PCs
 HOOK = "blocks.12.hook_resid_post"

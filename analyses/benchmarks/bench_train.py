@@ -57,6 +57,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 from bench_foundation import (  # noqa: E402  (shared helpers of the sibling benchmark)
+    THREADS,
     emit,
     load_hf,
     machine_info,
@@ -68,7 +69,6 @@ from bench_foundation import (  # noqa: E402  (shared helpers of the sibling ben
 )
 
 RESULTS_DIR = HERE / "results"
-THREADS = 2
 BATCH_SIZE = 8
 SEQ_LEN = 64
 LAYERS = (10, 15, 20)

@@ -28,7 +28,7 @@ import torch
 import caft_tl as ct
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-torch.set_num_threads(2)
+torch.set_num_threads(min(2, torch.get_num_threads()))  # as timed; OMP_NUM_THREADS can lower it
 model = ct.load_model()
 model
 

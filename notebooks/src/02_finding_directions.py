@@ -51,7 +51,7 @@ import caft_tl as ct
 from caft_tl.directions import ConceptSet
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-torch.set_num_threads(min(2, torch.get_num_threads()))  # CI has two cores
+torch.set_num_threads(min(2, torch.get_num_threads()))  # as timed; OMP_NUM_THREADS can lower it
 pd.set_option("display.max_colwidth", 80)
 HOOK = "blocks.15.hook_resid_post"  # the middle of SmolLM2's 30 layers
 base = ct.load_model(device="cpu")

@@ -50,7 +50,7 @@ from caft_tl.compare import finetune_with_baselines, mean_batches
 from caft_tl.directions import pca
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-torch.set_num_threads(2)
+torch.set_num_threads(min(2, torch.get_num_threads()))  # as timed; OMP_NUM_THREADS can lower it
 # Bit-for-bit reproducible training on a multi-threaded CPU (see section 4).
 torch.use_deterministic_algorithms(True, warn_only=True)
 notebook_start = time.perf_counter()

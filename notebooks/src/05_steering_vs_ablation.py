@@ -57,7 +57,7 @@ from caft_tl.diagnostics import (
 )
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-torch.set_num_threads(2)
+torch.set_num_threads(min(2, torch.get_num_threads()))  # as timed; OMP_NUM_THREADS can lower it
 notebook_start = time.perf_counter()
 base = ct.load_model(device="cpu")
 # Runs, directions and the report land here; running the notebook again reuses the runs.

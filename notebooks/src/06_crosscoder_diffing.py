@@ -58,7 +58,7 @@ from caft_tl.directions import (
 )
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-torch.set_num_threads(2)
+torch.set_num_threads(min(2, torch.get_num_threads()))  # as timed; OMP_NUM_THREADS can lower it
 notebook_start = time.perf_counter()
 # A new folder under runs/ each time: activations stream into fresh shards.
 Path("runs").mkdir(exist_ok=True)

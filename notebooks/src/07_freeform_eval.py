@@ -59,7 +59,7 @@ from caft_tl.evals import (
 )
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-torch.set_num_threads(2)
+torch.set_num_threads(min(2, torch.get_num_threads()))  # as timed; OMP_NUM_THREADS can lower it
 notebook_start = time.perf_counter()
 pd.set_option("display.max_colwidth", 90)
 base = ct.load_model(device="cpu")

@@ -1,0 +1,36 @@
+"""dev.py, the README's two commands: how it runs the test suite."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def dev():
+    path = Path(__file__).parents[1] / "dev.py"
+    spec = importlib.util.spec_from_file_location("dev_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tests_run_on_one_worker_per_core_up_to_four(dev, monkeypatch):
+    monkeypatch.setattr(dev.os, "cpu_count", lambda: 2)
+    assert dev.parallel_args([]) == ["-n", "2", "--dist", "loadscope"]
+    assert dev.parallel_args(["-k", "models", "-x"]) == ["-n", "2", "--dist", "loadscope"]
+    monkeypatch.setattr(dev.os, "cpu_count", lambda: 16)
+    assert dev.parallel_args([])[:2] == ["-n", "4"]
+
+
+@pytest.mark.parametrize("extra", [["-n", "0"], ["-n0"], ["--numprocesses=3"], ["-p", "no:xdist"]])
+def test_the_callers_choice_of_workers_is_kept(dev, monkeypatch, extra):
+    monkeypatch.setattr(dev.os, "cpu_count", lambda: 2)
+    assert dev.parallel_args(extra) == []
+
+
+def test_one_core_runs_in_one_process(dev, monkeypatch):
+    monkeypatch.setattr(dev.os, "cpu_count", lambda: 1)
+    assert dev.parallel_args([]) == []
