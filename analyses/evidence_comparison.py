@@ -143,6 +143,28 @@ def read_evals(folder: Path) -> dict[str, Any]:
     return evals
 
 
+def selection_record(folder: Path) -> dict[str, Any] | None:
+    """Which directions the demo's rule selected on seed 0 (from the study's results.json),
+    so a results file says what CAFT ablated even after the study folder is gone."""
+    path = folder / "results.json"
+    if not path.exists():
+        return None
+    directions = json.loads(path.read_text()).get("directions", {})
+    keep = ("selected", "n_selected", "fallback")
+    return {name: {k: d[k] for k in keep if k in d} for name, d in directions.items()}
+
+
+def selection_lines(selection: dict[str, Any] | None) -> str:
+    if not selection:
+        return ""
+    lines = ["", "Directions the rule selected (seed 0's plain fine-tune):", ""]
+    for name, d in selection.items():
+        where = "; ".join(f"`{h}` {', '.join(map(str, v))}" for h, v in d["selected"].items())
+        note = " (fallback: none beat the random null)" if d.get("fallback") else ""
+        lines.append(f"- {name}: {d['n_selected']}{note}: {where or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
 def tables(evals: dict[str, Any]) -> dict[str, Any]:
     from caft_tl.evals import seed_comparison
 
@@ -270,9 +292,9 @@ def main() -> None:
     config = json.loads((folder / "config.json").read_text())
     out = {"task": args.task, "steps": args.steps, "config": config, "target": TARGET,
            "evals": evals, "comparison": comparison, "verdicts": verdict,
-           "crosscoder": crosscoder}  # fmt: skip
+           "crosscoder": crosscoder, "directions": selection_record(folder)}  # fmt: skip
     (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
-    text = markdown(args.task, args.steps, comparison, verdict)
+    text = markdown(args.task, args.steps, comparison, verdict) + selection_lines(out["directions"])
     if crosscoder is not None:
         text += crosscoder_lines(crosscoder)
     if (args.task, args.steps) == pick:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -150,7 +151,6 @@ def test_hook_on_rows_are_not_judged_against_the_target():
 def test_the_cheapest_benchmark_runs_its_quick_mode(tmp_path):
     # bench_pca --quick (about a minute on 2 cores) exercises the shared benchmark helpers
     # end to end: child processes, memory probes, the JSON record and the Markdown table.
-    import json
     import subprocess
 
     out = tmp_path / "pca_quick.json"
@@ -161,6 +161,23 @@ def test_the_cheapest_benchmark_runs_its_quick_mode(tmp_path):
     assert all(run["ours"]["tokens_per_s"] > 0 for run in result["runs"])
     assert result["memory_growth"]["ours"] > 0
     assert result["markdown_table"].startswith("|")
+
+
+def test_results_file_records_the_selected_directions(tmp_path):
+    comparison = load("evidence_comparison")
+    assert comparison.selection_record(tmp_path) is None and comparison.selection_lines(None) == ""
+    directions = {
+        "pca": {"selected": {"blocks.6.hook_resid_post": ["PC10", "PC17"]}, "n_selected": 2,
+                "fallback": False, "scores": [{"auroc": 0.9}]},
+        "sae": {"selected": {"blocks.12.hook_resid_post": ["latent 371"]}, "n_selected": 1,
+                "fallback": True, "scores": []},
+    }  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps({"directions": directions}))
+    record = comparison.selection_record(tmp_path)
+    assert "scores" not in record["pca"] and record["sae"]["fallback"] is True
+    text = comparison.selection_lines(record)
+    assert "- pca: 2: `blocks.6.hook_resid_post` PC10, PC17" in text
+    assert "- sae: 1 (fallback: none beat the random null): " in text
 
 
 def test_crosscoder_condition_lines_say_why_it_did_not_run():
