@@ -146,10 +146,12 @@ def read_evals(folder: Path) -> dict[str, Any]:
 def selection_record(folder: Path) -> dict[str, Any] | None:
     """Which directions the demo's rule selected on seed 0 (from the study's results.json),
     so a results file says what CAFT ablated even after the study folder is gone."""
+    from caft_tl._io import read_json  # names the file when it is corrupt
+
     path = folder / "results.json"
     if not path.exists():
         return None
-    directions = json.loads(path.read_text()).get("directions", {})
+    directions = read_json(path, "demo results").get("directions", {})
     keep = ("selected", "n_selected", "fallback")
     return {name: {k: d[k] for k in keep if k in d} for name, d in directions.items()}
 

@@ -178,6 +178,9 @@ def test_results_file_records_the_selected_directions(tmp_path):
     text = comparison.selection_lines(record)
     assert "- pca: 2: `blocks.6.hook_resid_post` PC10, PC17" in text
     assert "- sae: 1 (fallback: none beat the random null): " in text
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(ValueError, match="demo results: .*results.json is corrupt"):
+        comparison.selection_record(tmp_path)
 
 
 def test_crosscoder_condition_lines_say_why_it_did_not_run():
