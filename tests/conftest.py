@@ -26,6 +26,9 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 
+# optionalhook: with ``-p no:xdist`` (or xdist missing) pytest would otherwise refuse the
+# whole run as an unknown hook.
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """Under ``-n N --dist loadscope`` (what ``python3 dev.py test`` runs): each test module is
     one unit that runs on one worker (its module fixtures are built once), each notebook is a

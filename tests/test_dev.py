@@ -34,3 +34,18 @@ def test_the_callers_choice_of_workers_is_kept(dev, monkeypatch, extra):
 def test_one_core_runs_in_one_process(dev, monkeypatch):
     monkeypatch.setattr(dev.os, "cpu_count", lambda: 1)
     assert dev.parallel_args([]) == []
+
+
+def test_the_suite_still_collects_without_xdist():
+    # The conftest's xdist scheduler hook must not make pytest refuse `-p no:xdist` runs.
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "--collect-only", "-q",
+         "tests/test_dev.py"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "test_one_core_runs_in_one_process" in done.stdout
