@@ -20,6 +20,9 @@ Every other qualifying setting of the search (e.g. the same task trained two epo
 with ``--task`` and ``--steps`` into its own folder and
 ``results/evidence_comparison_<task>-<steps>steps.{json,md}``; the pick's table lists them.
 ``--cached`` tabulates the evaluations already on disk (also part-way through).
+``--conditions`` trains only the named conditions besides plain, and ``--merge`` adds them to
+the setting's earlier results file when the study folder was lost: the rerun's plain runs
+(and every other evaluation both have) must reproduce the earlier numbers exactly.
 """
 
 from __future__ import annotations
@@ -36,15 +39,16 @@ TARGET = {"ood_gain": 0.30, "id_tolerance": 0.05}
 
 
 def study_config(
-    task: str, steps: int, seeds: list[int], sae: bool, variants: list[str], test_time: bool = True
-):
+    task: str, steps: int, seeds: list[int], sae: bool, variants: list[str], test_time: bool = True,
+    conditions: list[str] | None = None,
+):  # fmt: skip
     from caft_tl.demo import DemoConfig, parse_task  # noqa: F401 (validates the name)
 
     n = {"train": 286, "eval": 190} if task.startswith("gender2:") else {"train": 320, "eval": 200}
     return DemoConfig(
         task=task, seeds=seeds, n_train=n["train"], n_eval=n["eval"], max_steps=steps, lr=3e-5,
         warmup_steps=5, schedule="constant", learned_less_step=max(1, steps // 2),
-        test_time=test_time, variants=variants, sae=sae,
+        test_time=test_time, variants=variants, sae=sae, conditions=conditions,
     )  # fmt: skip
 
 
@@ -167,6 +171,32 @@ def selection_lines(selection: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_previous(
+    evals: dict[str, Any], selection: dict[str, Any] | None, previous: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
+    """Add the evaluations of an earlier results file (``previous``) that this study folder
+    lacks, e.g. when the folder was lost and only new conditions were rerun. Valid only if
+    the rerun reproduces the earlier runs: every evaluation and selected direction found in
+    both must be identical, else the script stops. Returns the merged evaluations and
+    selection, and the names taken from ``previous``."""
+    common = set(evals) & set(previous["evals"])
+    if not any(key.startswith("plain/") for key in common):
+        raise SystemExit("--merge: the rerun has no plain evaluation to check against the earlier")
+    for key in sorted(common):
+        if evals[key] != previous["evals"][key]:
+            raise SystemExit(
+                f"--merge: the rerun's {key} differs from the earlier results file's: the "
+                "runs are not the same, so their numbers cannot share one table"
+            )
+    old = previous.get("directions") or {}
+    for name in sorted(set(selection or {}) & set(old)):
+        if selection[name] != old[name]:
+            raise SystemExit(f"--merge: the rerun selected other {name} directions")
+    kept = sorted(set(previous["evals"]) - set(evals))
+    merged = {**old, **(selection or {})} or None
+    return {**previous["evals"], **evals}, merged, kept
+
+
 def tables(evals: dict[str, Any]) -> dict[str, Any]:
     from caft_tl.evals import seed_comparison
 
@@ -232,6 +262,14 @@ def markdown(task: str, steps: int, comparison: dict[str, Any], verdict: list[di
     return "\n".join(lines) + "\n"
 
 
+def merged_lines(merged: dict[str, Any]) -> str:
+    return (
+        f"\n{len(merged['evals'])} evaluations come from an earlier run of this setting (its "
+        "study folder was lost); the rerun reproduced every evaluation the two have in common "
+        "exactly (checked by `--merge`).\n"
+    )
+
+
 def crosscoder_lines(record: dict[str, Any]) -> str:
     """The crosscoder condition's status and latent classes, for the markdown."""
     classes = ", ".join(f"{r['class']} {r['latents']}" for r in record["summary"])
@@ -254,6 +292,15 @@ def main() -> None:
         "--crosscoder", action="store_true",
         help="also CAFT with genuine crosscoder latents (crosscoder_study.py --task first)",
     )  # fmt: skip
+    parser.add_argument(
+        "--conditions", nargs="+", default=None,
+        help="train only these conditions besides plain (e.g. caft-pca-mean caft-pca-steer-3)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--merge", action="store_true",
+        help="keep the results file's evaluations this folder lacks (a rerun must reproduce "
+        "every evaluation both have, else the script stops)",
+    )  # fmt: skip
     parser.add_argument("--cached", action="store_true", help="tabulate what is on disk")
     parser.add_argument(
         "--no-test-time", action="store_true",
@@ -270,8 +317,9 @@ def main() -> None:
         raise SystemExit("--crosscoder: amendment 3 fixes the crosscoder on the search's pick "
                          f"{pick} only")  # fmt: skip
     cfg = study_config(
-        args.task, args.steps, args.seeds, args.sae, args.variants, not args.no_test_time
-    )
+        args.task, args.steps, args.seeds, args.sae, args.variants, not args.no_test_time,
+        args.conditions,
+    )  # fmt: skip
     if not args.cached or args.crosscoder:  # something trains
         import torch
 
@@ -288,15 +336,23 @@ def main() -> None:
             )
         )
     crosscoder = json.loads(record.read_text()) if record.exists() else None
-    evals = read_evals(folder)
+    evals, selection, merged = read_evals(folder), selection_record(folder), None
+    if args.merge:
+        from caft_tl._io import read_json
+
+        previous = read_json(RESULTS / f"{stem}.json", "earlier evidence comparison")
+        evals, selection, kept = merge_previous(evals, selection, previous)
+        merged = {"config": previous["config"], "evals": kept}
     comparison = tables(evals)
     verdict = verdicts(comparison)
     config = json.loads((folder / "config.json").read_text())
     out = {"task": args.task, "steps": args.steps, "config": config, "target": TARGET,
            "evals": evals, "comparison": comparison, "verdicts": verdict,
-           "crosscoder": crosscoder, "directions": selection_record(folder)}  # fmt: skip
+           "crosscoder": crosscoder, "directions": selection, "merged_from": merged}  # fmt: skip
     (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
-    text = markdown(args.task, args.steps, comparison, verdict) + selection_lines(out["directions"])
+    text = markdown(args.task, args.steps, comparison, verdict) + selection_lines(selection)
+    if merged is not None:
+        text += merged_lines(merged)
     if crosscoder is not None:
         text += crosscoder_lines(crosscoder)
     if (args.task, args.steps) == pick:

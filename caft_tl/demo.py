@@ -105,6 +105,10 @@ class DemoConfig:
     ``variants``: further training conditions with the PCA concepts, named as in
     :func:`caft_tl.diagnostics.decomposition_interventions` (``"mean"``, ``"detached"``,
     ``"gradient"``, ``"steer-3"``, ...); run ``caft-pca-<variant>``.
+    ``conditions``: train only these conditions besides plain (names as in the results:
+    ``"caft-pca"``, ``"caft-sae"``, ``"caft-pca-<variant>"``, ``"random"``, ``"top"``; None:
+    all), e.g. to add the variants to a study whose other runs were measured before; the
+    base model, plain and the test-time evaluations always run.
     ``answer_format`` (default ``"pronoun"`` / ``"word"``): the embedded 135M model cannot
     learn to answer with a letter within this budget (it stays at 50%: measured, see the
     README), so the options are the words themselves; ``"letter"`` is the reference's format.
@@ -136,7 +140,8 @@ class DemoConfig:
             ``sae_top``: latents whose mean activation fine-tuning changed most, then scored
             on the hints like the PCs.
         top_examples: contexts shown per selected direction in the report.
-        keep_models, test_time, variants, task, answer_format, schedule: see above.
+        keep_models, test_time, variants, conditions, task, answer_format, schedule: see
+            above.
     """
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -172,6 +177,7 @@ class DemoConfig:
     keep_models: bool = False
     test_time: bool = False
     variants: list[str] = field(default_factory=list)
+    conditions: list[str] | None = None
 
     @classmethod
     def for_task(cls, task: str = DEFAULT_TASK, **overrides: Any) -> DemoConfig:
@@ -205,6 +211,17 @@ class DemoConfig:
         parse_task(self.task)
         if not 0.5 <= self.min_auroc <= 1.0:
             raise ValueError(f"min_auroc must be in [0.5, 1], got {self.min_auroc}")
+        unknown = sorted(set(self.conditions or ()) - set(self.condition_names()))
+        if unknown:
+            raise ValueError(
+                f"conditions {unknown} are not run by this config; it runs "
+                f"{self.condition_names()} (caft-sae needs sae=True, caft-pca-V variants=[V])"
+            )
+
+    def condition_names(self) -> list[str]:
+        """Every training condition this config can run besides plain."""
+        caft = ["caft-pca"] + (["caft-sae"] if self.sae else [])
+        return caft + [f"caft-pca-{v}" for v in self.variants] + ["random", "top"]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -232,9 +249,9 @@ def train_config(cfg: DemoConfig, seed: int, keep: Sequence[int] = ()) -> Any:
 
 
 # Fields that only add or leave out runs: each (method, seed) is cached on its own, so a
-# folder may be run again with other seeds, variants, SAE latents or test-time evaluations,
-# as long as the first seed (whose plain model gives the directions) stays.
-ADDITIVE_FIELDS = frozenset({"seeds", "variants", "test_time", "sae", "keep_models"})
+# folder may be run again with other seeds, variants, conditions, SAE latents or test-time
+# evaluations, as long as the first seed (whose plain model gives the directions) stays.
+ADDITIVE_FIELDS = frozenset({"seeds", "variants", "test_time", "sae", "keep_models", "conditions"})
 
 
 def _check_config(out: Path, cfg: DemoConfig) -> None:
@@ -552,6 +569,8 @@ def run_demo(
         del plain
         caft = {f"caft-{n}": a for n, a in ablations.items()}
         runs = caft | variants | _controls(selected["pca"][0], pcs, seed)
+        if cfg.conditions is not None:
+            runs = {name: run for name, run in runs.items() if name in cfg.conditions}
         for name, intervention in runs.items():
             study.intervened(name, seed, intervention, hook_on=cfg.test_time and name in caft)
 

@@ -119,6 +119,25 @@ def test_every_qualifying_setting_gets_its_own_folder_and_table(monkeypatch, tmp
     assert comparison.chosen_setting() is None
 
 
+def test_merge_keeps_earlier_numbers_only_when_the_rerun_reproduces_them():
+    comparison = load("evidence_comparison")
+    acc = lambda a: {"test": {"accuracy": a, "n": 190}, "ood": {"accuracy": a, "n": 190}}  # noqa: E731
+    previous = {
+        "evals": {"plain/s0": acc(0.5), "caft-sae/s0": acc(0.7)},
+        "directions": {"pca": {"n_selected": 4}, "sae": {"n_selected": 2}},
+    }
+    rerun = {"plain/s0": acc(0.5), "caft-pca-mean/s0": acc(0.6)}
+    evals, selection, kept = comparison.merge_previous(rerun, {"pca": {"n_selected": 4}}, previous)
+    assert evals == {**previous["evals"], **rerun} and kept == ["caft-sae/s0"]
+    assert selection == previous["directions"]
+    with pytest.raises(SystemExit, match="plain/s0 differs"):
+        comparison.merge_previous({**rerun, "plain/s0": acc(0.51)}, None, previous)
+    with pytest.raises(SystemExit, match="other pca directions"):
+        comparison.merge_previous(rerun, {"pca": {"n_selected": 3}}, previous)
+    with pytest.raises(SystemExit, match="no plain evaluation"):
+        comparison.merge_previous({"caft-pca-mean/s0": acc(0.6)}, None, previous)
+
+
 SCRIPTS = sorted(
     p.relative_to(ANALYSES).as_posix()
     for p in [*ANALYSES.glob("*.py"), *ANALYSES.glob("benchmarks/*.py")]

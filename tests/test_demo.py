@@ -205,6 +205,25 @@ def test_two_professions_with_test_time_ablation_and_variants(model, tmp_path, m
         run_demo(tmp_path, dataclasses.replace(cfg, seeds=[1, 0]), model=model, echo=False)
 
 
+def test_conditions_train_only_the_named_runs_then_the_rest_joins(model, tmp_path, monkeypatch):
+    cfg = small(seeds=[0], learned_less_step=None, variants=["mean"], conditions=["caft-pca-mean"])
+    results = run_demo(tmp_path, cfg, model=model, echo=False)
+    assert {s["method"] for s in results["summary"]} == {"base", "plain", "caft-pca-mean"}
+    # The rest of the study later, in the same folder: only the missing runs train.
+    trained = []
+    real = ct.train.finetune
+    monkeypatch.setattr(
+        "caft_tl.compare.finetune", lambda *a, **k: trained.append(k["out"].name) or real(*a, **k)
+    )
+    full = run_demo(tmp_path, dataclasses.replace(cfg, conditions=None), model=model, echo=False)
+    assert sorted(trained) == ["caft-pca", "random", "top"]
+    assert full["evals"]["caft-pca-mean/s0"] == results["evals"]["caft-pca-mean/s0"]
+    with pytest.raises(ValueError, match=r"caft-sae needs sae=True"):
+        small(conditions=["caft-sae"])
+    with pytest.raises(ValueError, match=r"\['caft-pca-steer-3'\]"):
+        small(variants=["mean"], conditions=["caft-pca-steer-3"])
+
+
 def test_task_names_are_checked():
     for task in ("gender2:doctor", "gender2:a|a", "double_mc:sentiment|sentiment",
                  "double_mc:sentiment|verbs:third", "gender_pronoun:x"):  # fmt: skip
