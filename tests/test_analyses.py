@@ -132,6 +132,11 @@ def test_merge_keeps_earlier_numbers_only_when_the_rerun_reproduces_them():
     assert selection == previous["directions"]
     with pytest.raises(SystemExit, match="plain/s0 differs"):
         comparison.merge_previous({**rerun, "plain/s0": acc(0.51)}, None, previous)
+    # Continuous diagnostics may move in the 6th digit; counts and accuracies may not.
+    margin = lambda m: {s: {"accuracy": 0.5, "n": 190, "mean_margin": m} for s in ("test", "ood")}  # noqa: E731
+    assert comparison.same_evaluation(margin(25.06741), margin(25.06734))
+    assert not comparison.same_evaluation(margin(25.07), margin(25.06))
+    assert not comparison.same_evaluation(margin(1.0), {"test": margin(1.0)["test"]})
     with pytest.raises(SystemExit, match="other pca directions"):
         comparison.merge_previous(rerun, {"pca": {"n_selected": 3}}, previous)
     with pytest.raises(SystemExit, match="no plain evaluation"):
