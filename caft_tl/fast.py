@@ -200,6 +200,17 @@ def _attention_fast_ok(self: Any, additive_attention_mask: Any, position_bias: A
     )
 
 
+def _masks_nothing(attention_mask: Tensor | None) -> bool:
+    """An all-ones mask (an unpadded batch) on the CPU. Without it the causal SDPA kernel
+    and the broadcast rotary table apply (Hugging Face's SDPA models drop such masks too);
+    on an accelerator, reading the mask at every layer would stall the queue, so it stays."""
+    return (
+        attention_mask is not None
+        and attention_mask.device.type == "cpu"
+        and bool(attention_mask.all())
+    )
+
+
 def _attention_forward(
     self: Any,
     query_input: Float[Tensor, "batch pos d_model"],
@@ -224,6 +235,8 @@ def _attention_forward(
     q, k, v = _qkv(self, query_input, key_input, value_input)
     offset, rotated_past = 0, None
     entry = past_kv_cache_entry
+    if entry is None and _masks_nothing(attention_mask):
+        attention_mask = None  # the same numbers through the unmasked rotary and kernel
     # Rotated keys may be remembered across decoding steps only when rotating them again
     # would give the same tensor: not with dynamic NTK (the table changes with the length,
     # and TransformerLens re-rotates every key with the current one), and not when a hook on

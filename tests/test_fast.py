@@ -100,12 +100,14 @@ def test_defaults_are_fast_and_opt_out():
 
 # 3 x 12 token rows take the per-head q/k/v GEMM, 3 x 50 TransformerLens's projection.
 @pytest.mark.parametrize("pos", [12, 50], ids=["short", "long"])
-@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("padding", ["none", "ones", "left", "right"])
 def test_logits_and_gradients_match(pair, padding, pos):
     plain, fast = pair
     tokens = _tokens(pos=pos)
     kwargs = {}
-    if padding == "left":
+    if padding == "ones":  # a mask with no padding in it
+        kwargs["attention_mask"] = torch.ones(3, pos, dtype=torch.long)
+    elif padding == "left":
         kwargs["attention_mask"] = _left_padded_mask(pos=pos)
     elif padding == "right":
         kwargs["attention_mask"] = _left_padded_mask(pos=pos).flip(-1)
@@ -120,6 +122,32 @@ def test_logits_and_gradients_match(pair, padding, pos):
     for name, g in grads[0].items():
         assert torch.isfinite(grads[2][name]).all(), name
         assert _rel(grads[2][name], g) < REL, name
+
+
+def test_a_mask_without_padding_takes_the_unmasked_route(pair, monkeypatch):
+    # An unpadded batch's all-ones mask masks nothing: the causal kernel (faster than SDPA
+    # with a mask) and the same bits as no mask, forward and backward.
+    _, fast = pair
+    tokens = _tokens(pos=20)
+    masked = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masked.append(kwargs.get("attn_mask") is not None)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    out = []
+    for kwargs in ({}, {"attention_mask": torch.ones(3, 20, dtype=torch.long)}):
+        fast.zero_grad(set_to_none=True)
+        logits = fast(tokens, **kwargs)
+        logits.float().logsumexp(-1).mean().backward()
+        out.append((logits.detach(), [p.grad.clone() for p in fast.parameters()]))
+    assert masked == [False] * 4  # two layers, two forwards
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1], strict=True))
+    fast(tokens, attention_mask=_left_padded_mask(pos=20))
+    assert masked[4:] == [True, True]
 
 
 def _prefill(model, tokens, mask, n):
