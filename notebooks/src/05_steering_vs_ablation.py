@@ -147,13 +147,14 @@ report.round(3)
 #
 # The same fine-tune with no intervention, zero-ablation (CAFT), its activation-only half
 # (`detached`: `h - stopgrad(Q Q^T h)`), its gradient-only half (`gradient`: forward unchanged,
-# backward `g - Q Q^T g`) and steering by `±3 x` the base model's mean projection. One seed
-# and 3 steps of 4 examples here (mechanics only: too few to learn anything);
-# `analyses/decomposition_study.py` runs the full size (3 seeds, 30 steps, k = 3 and 5).
+# backward `g - Q Q^T g`) and steering by `±3 x` the base model's mean projection. Here one
+# seed, 3 steps of 4 examples and 16 examples per split (mechanics only: too few to learn
+# anything); `analyses/decomposition_study.py` runs the full size (3 seeds, 30 steps, k = 3
+# and 5).
 
 # %%
 train = ct.tasks.gender_pronoun("train", n=32, answer_format="pronoun")
-splits = {"test": ct.tasks.gender_pronoun("test", n=32, answer_format="pronoun"), "ood": ood}
+splits = {s: ct.tasks.gender_pronoun(s, n=16, answer_format="pronoun") for s in ("test", "ood")}
 train_cfg = ct.TrainConfig(max_steps=3, lr=5e-5, batch_size=4, warmup_steps=1, progress=False)
 results = training_decomposition(
     base, train, concepts, splits, train_cfg, out / "decomposition", seeds=[0], ks=[3.0]

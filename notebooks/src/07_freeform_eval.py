@@ -168,7 +168,7 @@ print("CAFT fine-tune done (zero-ablation of 3 directions at", HOOK + ")")
 # example, the base model with the concept ablated, no training).
 
 # %%
-qs = em[:3]
+qs = em[:2]
 sampling = SamplingConfig(n_samples=2, temperature=1.0, top_p=0.95, max_new_tokens=32, seed=0)
 models = {"base": base, "plain": plain, "caft": caft}
 samples = {
