@@ -8,7 +8,10 @@ TransformerLens 3.x computes some layers in ways that cost time on every forward
 * attention materialises the ``[batch, head, query, key]`` scores and pattern, masks them
   with ``torch.where`` and expands grouped key/value heads with ``repeat_interleave``;
 * a transformer block applies ``ln1`` three times (for queries, keys and values) even when
-  the three inputs are the same tensor.
+  the three inputs are the same tensor;
+* rotary builds the rotated half with a clone and two slice assignments and concatenates an
+  empty pass-through part when the whole head rotates (copies in both passes; the short
+  route gives the same bits without them).
 
 :func:`accelerate` gives these modules subclasses whose ``forward`` takes a shorter path
 *only when nothing can tell the difference*: the weights, parameter names, state dict and
@@ -50,6 +53,7 @@ from transformer_lens.components import (
     Unembed,
 )
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import get_offset_position_ids
 from transformer_lens.utilities.activation_functions import softcap_enabled
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformer_lens.utilities.attention import simple_attn_linear
@@ -211,6 +215,38 @@ def _masks_nothing(attention_mask: Tensor | None) -> bool:
     )
 
 
+def _rotary(
+    self: Any,
+    x: Float[Tensor, "batch pos head d_head"],
+    offset: int,
+    attention_mask: Int[Tensor, "batch offset_pos"] | None,
+) -> Float[Tensor, "batch pos head d_head"]:
+    """``self.apply_rotary(x, offset, attention_mask)``, the same bits with fewer copies:
+    TransformerLens builds the rotated half with a clone and two slice assignments, and
+    concatenates an empty pass-through part when the whole head rotates (a copy each, in the
+    forward and the backward pass). Anything else (adjacent pairs, dynamic NTK, a table that
+    must grow or move) is TransformerLens's own method."""
+    cfg, pos = self.cfg, x.size(1)
+    if (
+        cfg.rotary_adjacent_pairs
+        or (cfg.use_dynamic_ntk_rope and not self.training)
+        or x.device != self.rotary_sin.device
+        or offset + pos > self.rotary_cos.shape[0]
+    ):
+        return self.apply_rotary(x, offset, attention_mask)
+    x_rot, x_pass = x[..., : cfg.rotary_dim], x[..., cfg.rotary_dim :]
+    half = x_rot.size(-1) // 2
+    flip = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    if attention_mask is None:
+        cos = self.rotary_cos[None, offset : offset + pos, None, :]
+        sin = self.rotary_sin[None, offset : offset + pos, None, :]
+    else:
+        ids = get_offset_position_ids(offset, attention_mask).to(self.rotary_cos.device)
+        cos, sin = self.rotary_cos[ids, None, :], self.rotary_sin[ids, None, :]
+    rotated = x_rot * cos + flip * sin
+    return rotated if x_pass.size(-1) == 0 else torch.cat([rotated, x_pass], dim=-1)
+
+
 def _attention_forward(
     self: Any,
     query_input: Float[Tensor, "batch pos d_model"],
@@ -251,11 +287,11 @@ def _attention_forward(
         rotated_past = _rotated_past_keys(entry, attention_mask) if memo else None
         k, v = entry.append(k, v)
     if self.cfg.positional_embedding_type == "rotary":
-        q = self.hook_rot_q(self.apply_rotary(q, offset, attention_mask))
+        q = self.hook_rot_q(_rotary(self, q, offset, attention_mask))
         if rotated_past is None:
-            k = self.apply_rotary(k, 0, attention_mask)
+            k = _rotary(self, k, 0, attention_mask)
         else:
-            new = self.apply_rotary(k[:, offset:], offset, attention_mask)
+            new = _rotary(self, k[:, offset:], offset, attention_mask)
             k = torch.cat([rotated_past, new], dim=1)
         if memo and not entry.frozen:
             _remember_rotated_keys(entry, k, attention_mask)

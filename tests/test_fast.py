@@ -460,3 +460,30 @@ def test_run_with_cache_takes_the_forward_route(pair):
 def test_run_with_cache_takes_the_forward_route_on_the_embedded_model(embedded_model):
     tokens = embedded_model.to_tokens(["The capital of France is", "Two plus two equals four."])
     _same_route_checks(embedded_model, tokens, "blocks.12.hook_resid_post")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"rotary_dim": 8}, {"rotary_adjacent_pairs": True}],
+    ids=["full", "partial", "adjacent-pairs"],
+)
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "left-padded"])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_rotary_gives_transformer_lens_bits(kwargs, masked, offset):
+    """The fast path's rotary (fewer copies) is TransformerLens's apply_rotary to the bit,
+    forward and backward, with and without a mask and a cache offset."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from caft_tl.fast import _rotary
+
+    cfg = dict(n_layers=1, d_model=64, n_heads=4, d_head=16, d_mlp=64, n_ctx=32, d_vocab=50,
+               act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+               rotary_dim=16, gated_mlp=True, original_architecture="LlamaForCausalLM")  # fmt: skip
+    attn = HookedTransformer(HookedTransformerConfig(**{**cfg, **kwargs})).blocks[0].attn
+    x = torch.randn(3, 9, 4, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    mask = _left_padded_mask(3, 9 + offset) if masked else None
+    grad = torch.randn(3, 9, 4, 16)
+    want = attn.apply_rotary(x, offset, mask)
+    got = _rotary(attn, x, offset, mask)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])

@@ -57,7 +57,9 @@ def target_loss_sum(
     )
     logits = logits_from_residual(model, resid[:, :-1][targets].unsqueeze(0))
     labels = batch["input_ids"][:, 1:][targets]
-    return F.cross_entropy(logits[0].float(), labels, reduction="sum"), int(targets.sum())
+    # squeeze, not [0]: indexing's backward writes the gradient into a zeroed copy of the
+    # [1, targets, vocab] logits (a full extra pass over the largest tensor of the step).
+    return F.cross_entropy(logits.squeeze(0).float(), labels, reduction="sum"), int(targets.sum())
 
 
 def autocast_for(device: torch.device):
