@@ -149,7 +149,11 @@ def test_target_only_unembedding_matches_the_full_logits(model, tokenizer):
     assert n_fast == n_full > 0
     torch.testing.assert_close(fast_loss, full, rtol=1e-6, atol=1e-5)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
+        # The loss is a sum over ~100 targets, so gradients reach ~10 and their float32
+        # rounding (the two paths accumulate in different orders) ~1e-5 on near-zero
+        # entries: the absolute tolerance scales with the gradient's size.
+        scale = grads[name].abs().max().item()
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
 
 
 def test_user_tokens_do_not_affect_the_update(model):
