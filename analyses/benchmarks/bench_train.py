@@ -312,6 +312,46 @@ def check_equivalence(model: Any, hf: Any, batch: dict[str, Any], zero: Any, q) 
 # =============================================================================== step time
 
 
+Times = dict[str, dict[str, list[float]]]
+
+
+def interleaved_times(steps: dict[str, Any], rounds: int, tag: str, walls: bool = False) -> Times:
+    """Every step function once per round, in an order rotated each round (nobody always
+    runs first or last): ``{step: {kind: [one timing per round]}}``. ``walls``: print each
+    round's wall times, not only its number."""
+    names = list(steps)
+    times: Times = {n: {k: [] for k in KINDS} for n in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            for kind, value in steps[name]().items():
+                times[name][kind].append(value)
+        line = f"[{tag}] round {r + 1}/{rounds}"
+        if walls:
+            line += " (wall s): " + ", ".join(f"{n} {times[n]['wall'][-1]:.2f}" for n in names)
+        print(line, flush=True)
+    return times
+
+
+def paired_ratio(times: Times, num: str, den: str) -> dict[str, float]:
+    """Step ``num`` over step ``den``: medians (and the wall-time range) of the per-round
+    ratios, and the ratio of their fastest steps, the least disturbed by other jobs."""
+
+    def per_round(kind: str) -> list[float]:
+        return [a / b for a, b in zip(times[num][kind], times[den][kind], strict=True)]
+
+    wall = per_round("wall")
+    return {
+        "wall_median": statistics.median(wall),
+        "wall_min": min(wall),
+        "wall_max": max(wall),
+        # CPU time is less sensitive to other jobs than wall time.
+        "cpu_median": statistics.median(per_round("cpu")),
+        "fwd_bwd_median": statistics.median(per_round("fwd_bwd")),
+        "of_minima": min(times[num]["wall"]) / min(times[den]["wall"]),
+    }
+
+
 def bench_steps(cfg: dict[str, Any]) -> dict[str, Any]:
     import caft_tl
 
@@ -332,32 +372,7 @@ def bench_steps(cfg: dict[str, Any]) -> dict[str, Any]:
     names = list(steps)
     print("[steps] warm-up: one step of each model (allocates the AdamW states) ...", flush=True)
     warmup = {name: steps[name]()["wall"] for name in ("none", "hf_none")}
-    times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in KINDS} for n in names}
-    for r in range(cfg["rounds"]):
-        shift = r % len(names)  # rotate the order: nobody always runs first or last
-        for name in names[shift:] + names[:shift]:
-            for kind, value in steps[name]().items():
-                times[name][kind].append(value)
-        print(
-            f"[steps] round {r + 1}/{cfg['rounds']} (wall s): "
-            + ", ".join(f"{n} {times[n]['wall'][-1]:.2f}" for n in names),
-            flush=True,
-        )
-
-    def ratios(num: str, den: str, kind: str) -> list[float]:
-        return [a / b for a, b in zip(times[num][kind], times[den][kind], strict=True)]
-
-    def compare(num: str, den: str) -> dict[str, float]:
-        wall = ratios(num, den, "wall")
-        return {
-            "wall_median": statistics.median(wall),
-            "wall_min": min(wall),
-            "wall_max": max(wall),
-            "cpu_median": statistics.median(ratios(num, den, "cpu")),
-            "fwd_bwd_median": statistics.median(ratios(num, den, "fwd_bwd")),
-            # Ratio of the fastest steps: the least disturbed by other jobs.
-            "of_minima": min(times[num]["wall"]) / min(times[den]["wall"]),
-        }
+    times = interleaved_times(steps, cfg["rounds"], "steps", walls=True)
 
     variants = {}
     for name in names:
@@ -369,11 +384,11 @@ def bench_steps(cfg: dict[str, Any]) -> dict[str, Any]:
         if name in warmup:
             row["warmup_step_s"] = warmup[name]
         if name != ref:
-            row["ratio_to_reference"] = compare(name, ref)
+            row["ratio_to_reference"] = paired_ratio(times, name, ref)
         variants[name] = row
-    ours_vs_hf = {"zero": compare("zero", "hf_zero"), "none": compare("none", "hf_none")}
-    ours_vs_tl = {"zero": compare("zero", "tl_zero"), "none": compare("none", "tl_none")}
-    tl_vs_hf = {"zero": compare("tl_zero", "hf_zero"), "none": compare("tl_none", "hf_none")}
+    ours_vs_hf = {iv: paired_ratio(times, iv, f"hf_{iv}") for iv in ("zero", "none")}
+    ours_vs_tl = {iv: paired_ratio(times, iv, f"tl_{iv}") for iv in ("zero", "none")}
+    tl_vs_hf = {iv: paired_ratio(times, f"tl_{iv}", f"hf_{iv}") for iv in ("zero", "none")}
     result = {
         "batch_size": BATCH_SIZE,
         "seq_len": SEQ_LEN,
@@ -440,38 +455,18 @@ def bench_loss_paths(cfg: dict[str, Any]) -> dict[str, Any]:
             )
             steps[f"hf_{kind}_{iv}"] = hf_step_fn(hf, batch, qq, hf_opt)
             steps[f"hflabels_{kind}_{iv}"] = hf_step_fn(hf, batch, qq, hf_opt, labels=True)
-    names = list(steps)
     for name in ("ours_unpadded_none", "hf_unpadded_none"):  # allocate the AdamW states
         steps[name]()
-    times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in KINDS} for n in names}
-    for r in range(cfg["rounds"]):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            for kind, value in steps[name]().items():
-                times[name][kind].append(value)
-        print(f"[loss paths] round {r + 1}/{cfg['rounds']}", flush=True)
-
-    def ratio(num: str, den: str) -> dict[str, float]:
-        def per_round(kind: str) -> list[float]:
-            return [a / b for a, b in zip(times[num][kind], times[den][kind], strict=True)]
-
-        wall = per_round("wall")
-        return {
-            "wall_median": statistics.median(wall),
-            "wall_min": min(wall),
-            "wall_max": max(wall),
-            # Less sensitive to other jobs than the wall-time median (see bench_steps).
-            "cpu_median": statistics.median(per_round("cpu")),
-            "of_minima": min(times[num]["wall"]) / min(times[den]["wall"]),
-        }
+    times = interleaved_times(steps, cfg["rounds"], "loss paths")
 
     ratios = {}
     for kind in batches:
         for iv in ("none", "zero"):
-            ratios[f"{kind}_{iv}"] = {
-                "ours_over_hf": ratio(f"ours_{kind}_{iv}", f"hf_{kind}_{iv}"),
-                "ours_over_hflabels": ratio(f"ours_{kind}_{iv}", f"hflabels_{kind}_{iv}"),
-                "tlloss_over_hflabels": ratio(f"tlloss_{kind}_{iv}", f"hflabels_{kind}_{iv}"),
+            case = f"{kind}_{iv}"
+            ratios[case] = {
+                "ours_over_hf": paired_ratio(times, f"ours_{case}", f"hf_{case}"),
+                "ours_over_hflabels": paired_ratio(times, f"ours_{case}", f"hflabels_{case}"),
+                "tlloss_over_hflabels": paired_ratio(times, f"tlloss_{case}", f"hflabels_{case}"),
             }
     result = {
         "paths": LOSS_PATHS,
