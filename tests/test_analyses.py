@@ -274,3 +274,33 @@ def test_crosscoder_condition_runs_selected_genuine_latents_on_every_seed(monkey
     record = comparison.crosscoder_condition(tmp_path, task, cfg, [0, 1, 2])
     assert record["status"] == "run" and record["fallback"] is False
     assert calls == [("caft-crosscoder", s, 1) for s in (0, 1, 2)]
+
+
+def test_step_profile_splits_self_time_by_step_phase_and_kind(monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(ANALYSES / "benchmarks"))
+    bench = load("benchmarks/bench_train")
+    w = torch.nn.Parameter(torch.randn(16, 16))
+    optimizer = torch.optim.AdamW([w], lr=1e-3)
+
+    def step(rows):
+        def run():
+            optimizer.zero_grad(set_to_none=True)
+            (torch.randn(rows, 16) @ w).relu().sum().backward()
+            optimizer.step()
+
+        return run
+
+    prof = bench.profile_self_ms({"small": step(4), "large": step(64)}, reps=2)
+    assert set(prof) == {"small", "large"}
+    for name, rows in (("small", 4), ("large", 64)):
+        rec = prof[name]
+        assert set(rec["phases"]) == {"forward", "backward", "optimizer"}
+        assert all(ms > 0 for ms in rec["phases"].values())
+        assert rec["kinds"]["products"] > 0 and rec["kinds"]["attention"] == 0
+        shapes = [k for k in rec["ops"] if k.startswith("aten::mm [[")]
+        assert f"aten::mm [[{rows}, 16], [16, 16]]" in shapes  # each step's own ops only
+        assert f"aten::mm [[{68 - rows}, 16], [16, 16]]" not in shapes
+        assert abs(sum(rec["phases"].values()) - rec["total"]) < 1e-9
+        assert abs(sum(rec["kinds"].values()) - rec["total"]) < 1e-6

@@ -27,7 +27,13 @@ checkpoint / resume overhead, on the embedded SmolLM2-135M-Instruct (CPU, fp32, 
    (``target_loss_sum``), TransformerLens's ``model(..., return_type="loss")``, and on the HF
    model the same masked loss and HF's own ``labels=`` loss. Ratios per round, medians, of
    wall and CPU time, and the ratio of the fastest steps (``--rounds N`` for more rounds).
-4. Checkpoints: ``finetune(out=..., save_every=1)`` timed from inside (the library's
+4. Profile (``--only profile``, never by default): the unpadded loss-path step of ours and
+   of HF (``labels=``), without hooks and with zero-ablation, under ``torch.profiler``: self
+   CPU time per operator and input shape, summed by phase (forward, backward, optimiser) and
+   by kind (matrix products, attention, the rest), and the operators whose time differs most.
+   Profiling slows small operators more than large ones, so it says where a gap is, not
+   how big it is.
+5. Checkpoints: ``finetune(out=..., save_every=1)`` timed from inside (the library's
    checkpoint writer and reader are wrapped with timers): the time to write one checkpoint
    (weights + AdamW state + scheduler + RNG, atomically, fsynced), and the time from calling
    ``finetune`` to the end of the first step for a fresh start and for a resume.
@@ -89,11 +95,15 @@ MODES = {
         "rounds": 6,
         "memory_variants": [*OURS, "tl_zero", "hf_zero"],
         "checkpoint_reps": 2,
+        "profile_reps": 3,
+        "profile_top": 40,
     },
     "quick": {
         "rounds": 3,
         "memory_variants": ["zero", "tl_zero", "hf_zero"],
         "checkpoint_reps": 1,
+        "profile_reps": 1,
+        "profile_top": 20,
     },
 }
 
@@ -481,6 +491,117 @@ def bench_loss_paths(cfg: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+# =============================================================================== profile
+
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+PHASES = (("Optimizer.step", "optimizer"), ("autograd::engine::evaluate_function", "backward"))
+KINDS_OF_OPS = ("products", "attention", "rest")
+STEP_LABEL = "bench step: "
+
+
+def _labels(event: Any) -> tuple[str | None, str]:
+    """The step (its ``record_function`` label) and the part of it (forward, backward,
+    optimiser) that a profiler event ran in, from its ancestors' names."""
+    step, phase, parent = None, None, event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(STEP_LABEL):
+            step = parent.name.removeprefix(STEP_LABEL)
+        for prefix, name in PHASES:
+            if phase is None and parent.name.startswith(prefix):
+                phase = name
+        parent = parent.cpu_parent
+    return step, phase or "forward"  # forward: with zero_grad and gradient clipping
+
+
+def profile_self_ms(steps: dict[str, Any], reps: int) -> dict[str, dict[str, Any]]:
+    """Self CPU time (ms per step) of each operator of each step function, over ``reps``
+    rounds in one profiler session, the steps alternating in rotated order (so that other
+    jobs' load falls on all of them): by operator and input shapes, and summed by phase and
+    by kind (matrix products, attention, the rest)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    names = list(steps)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for r in range(reps):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                with torch.profiler.record_function(STEP_LABEL + name):
+                    steps[name]()
+    out = {n: {"ops": {}, "phases": {}, "kinds": dict.fromkeys(KINDS_OF_OPS, 0.0)} for n in names}
+    for e in prof.events():
+        name, phase = _labels(e)
+        if name not in out:
+            continue  # the labels themselves
+        ms, rec = e.self_cpu_time_total / 1e3 / reps, out[name]
+        key = f"{e.name} {e.input_shapes}" if e.input_shapes else e.name
+        rec["ops"][key] = rec["ops"].get(key, 0.0) + ms
+        rec["phases"][phase] = rec["phases"].get(phase, 0.0) + ms
+        kind = "attention" if "scaled_dot_product" in e.name else "rest"
+        rec["kinds"]["products" if e.name in PRODUCTS else kind] += ms
+    for rec in out.values():
+        rec["total"] = sum(rec["phases"].values())
+    return out
+
+
+def _by_name(ops: dict[str, float]) -> dict[str, float]:
+    """Per-operator times summed over input shapes."""
+    out: dict[str, float] = {}
+    for key, ms in ops.items():
+        name = key.split(" [", 1)[0]
+        out[name] = out.get(name, 0.0) + ms
+    return out
+
+
+def _largest_differences(ops: dict[str, dict[str, float]], top: int) -> list[dict[str, Any]]:
+    """The ``top`` operators whose time differs most between ``ops["ours"]`` and
+    ``ops["hf"]``, with both times."""
+    ours, hf = ops["ours"], ops["hf"]
+    diff = {k: ours.get(k, 0.0) - hf.get(k, 0.0) for k in set(ours) | set(hf)}
+    keys = sorted(diff, key=lambda k: -abs(diff[k]))[:top]
+    return [{"op": k, "ours": ours.get(k, 0.0), "hf": hf.get(k, 0.0)} for k in keys]
+
+
+def bench_profile(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Where ours and HF's step differ: the unpadded step of the loss-path benchmark (ours:
+    caft-tl's masked loss; HF: its ``labels=`` loss), without hooks and with zero-ablation,
+    under ``torch.profiler``, with the operators whose time differs most. Profiling slows
+    small operators more than large ones: read the ratios from ``--only losspaths``."""
+    import caft_tl
+
+    print("[profile] loading the TransformerLens and HF models ...", flush=True)
+    model = caft_tl.load_model(device="cpu").train()
+    batch = make_batch(model.tokenizer)
+    interventions = make_interventions(model, batch)
+    optimizer = make_optimizer(model)
+    hf, hf_opt, _, q = hf_setup(batch, interventions)
+    result: dict[str, Any] = {"reps": cfg["profile_reps"]}
+    for iv in ("none", "zero"):
+        qq = q if iv == "zero" else None
+        steps = {
+            "ours": ours_step_fn(model, batch, interventions[iv], optimizer),
+            "hf": hf_step_fn(hf, batch, qq, hf_opt, labels=True),
+        }
+        for step in (*steps.values(), *steps.values()):  # AdamW state, warm allocator
+            step()
+        prof = profile_self_ms(steps, cfg["profile_reps"])
+        by_name = {n: _by_name(p["ops"]) for n, p in prof.items()}
+        result[iv] = {
+            "total_ms": {n: p["total"] for n, p in prof.items()},
+            "phases_ms": {n: p["phases"] for n, p in prof.items()},
+            "kinds_ms": {n: p["kinds"] for n, p in prof.items()},
+            # By name alone: the two models lay out the same products differently, so the
+            # same work often has other shapes.
+            "largest_differences_by_op_ms": _largest_differences(by_name, cfg["profile_top"]),
+            "largest_differences_by_op_and_shape_ms": _largest_differences(
+                {n: p["ops"] for n, p in prof.items()}, cfg["profile_top"]
+            ),
+        }
+        print(f"[profile] {iv}: self CPU ms per step {result[iv]['total_ms']}", flush=True)
+    del model, hf, optimizer, hf_opt, steps
+    gc.collect()
+    return result
+
+
 # =============================================================================== memory
 
 
@@ -716,6 +837,19 @@ def markdown_table(res: dict[str, Any]) -> str:
                     f"{r['ours_over_hf']['wall_median']:.2f}x",
                 )
             )
+    pr = res.get("profile")
+    for iv in ("none", "zero") if pr else ():
+        t, k = pr[iv]["total_ms"], pr[iv]["kinds_ms"]
+        rows.append(
+            (
+                f"profiled unpadded step, {'zero-ablation' if iv == 'zero' else 'no hooks'}",
+                f"{t['ours']:.0f} / {t['hf']:.0f} ms self CPU (ours / HF `labels=`)",
+                f"**{t['ours'] / t['hf']:.3f}x**; matrix products {k['ours']['products']:.0f} / "
+                f"{k['hf']['products']:.0f} ms, attention {k['ours']['attention']:.0f} / "
+                f"{k['hf']['attention']:.0f} ms, the rest {k['ours']['rest']:.0f} / "
+                f"{k['hf']['rest']:.0f} ms",
+            )
+        )
     mem = res.get("memory")
     if mem:
         runs = mem["runs"]
@@ -762,9 +896,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and runs, ~4 min")
     parser.add_argument(
         "--only",
-        choices=["steps", "losspaths", "memory", "checkpoint"],
+        choices=["steps", "losspaths", "memory", "checkpoint", "profile"],
         action="append",
-        help="a subset",
+        help="a subset (profile runs only when named)",
     )
     parser.add_argument("--output", type=Path, help="JSON result path")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: the mode's)")
@@ -795,6 +929,8 @@ def main() -> None:
         result["loss_paths"] = bench_loss_paths(cfg)
     if "checkpoint" in selected:
         result["checkpoint"] = bench_checkpoint(cfg)
+    if "profile" in selected:
+        result["profile"] = bench_profile(cfg)
     if "memory" in selected:
         result["memory"] = bench_memory(cfg)
     result["total_wall_s"] = time.perf_counter() - started
