@@ -302,5 +302,7 @@ def test_step_profile_splits_self_time_by_step_phase_and_kind(monkeypatch):
         shapes = [k for k in rec["ops"] if k.startswith("aten::mm [[")]
         assert f"aten::mm [[{rows}, 16], [16, 16]]" in shapes  # each step's own ops only
         assert f"aten::mm [[{68 - rows}, 16], [16, 16]]" not in shapes
+        mm = sum(ms for k, ms in rec["ops"].items() if k.startswith("aten::mm "))
+        assert abs(rec["by_name"]["aten::mm"] - mm) < 1e-9
         assert abs(sum(rec["phases"].values()) - rec["total"]) < 1e-9
         assert abs(sum(rec["kinds"].values()) - rec["total"]) < 1e-6

@@ -325,6 +325,13 @@ def check_equivalence(model: Any, hf: Any, batch: dict[str, Any], zero: Any, q) 
 Times = dict[str, dict[str, list[float]]]
 
 
+def rotated(names: list[str], r: int) -> list[str]:
+    """``names`` in round ``r``'s order: rotated by ``r``, so nobody always runs first or
+    last."""
+    shift = r % len(names)
+    return names[shift:] + names[:shift]
+
+
 def interleaved_times(steps: dict[str, Any], rounds: int, tag: str, walls: bool = False) -> Times:
     """Every step function once per round, in an order rotated each round (nobody always
     runs first or last): ``{step: {kind: [one timing per round]}}``. ``walls``: print each
@@ -332,8 +339,7 @@ def interleaved_times(steps: dict[str, Any], rounds: int, tag: str, walls: bool 
     names = list(steps)
     times: Times = {n: {k: [] for k in KINDS} for n in names}
     for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(names, r):
             for kind, value in steps[name]().items():
                 times[name][kind].append(value)
         line = f"[{tag}] round {r + 1}/{rounds}"
@@ -513,42 +519,39 @@ def _labels(event: Any) -> tuple[str | None, str]:
     return step, phase or "forward"  # forward: with zero_grad and gradient clipping
 
 
+def _kind(event: Any) -> str:
+    """``products``, ``attention`` or ``rest``: what kind of work a profiler event is."""
+    if event.name in PRODUCTS:
+        return "products"
+    return "attention" if "scaled_dot_product" in event.name else "rest"
+
+
 def profile_self_ms(steps: dict[str, Any], reps: int) -> dict[str, dict[str, Any]]:
     """Self CPU time (ms per step) of each operator of each step function, over ``reps``
     rounds in one profiler session, the steps alternating in rotated order (so that other
-    jobs' load falls on all of them): by operator and input shapes, and summed by phase and
-    by kind (matrix products, attention, the rest)."""
+    jobs' load falls on all of them): by operator and input shapes, by operator alone, by
+    phase and by kind (matrix products, attention, the rest)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     names = list(steps)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for r in range(reps):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
+            for name in rotated(names, r):
                 with torch.profiler.record_function(STEP_LABEL + name):
                     steps[name]()
-    out = {n: {"ops": {}, "phases": {}, "kinds": dict.fromkeys(KINDS_OF_OPS, 0.0)} for n in names}
+    out = {n: {"ops": {}, "by_name": {}, "phases": {}, "kinds": {}} for n in names}
     for e in prof.events():
         name, phase = _labels(e)
         if name not in out:
             continue  # the labels themselves
         ms, rec = e.self_cpu_time_total / 1e3 / reps, out[name]
         key = f"{e.name} {e.input_shapes}" if e.input_shapes else e.name
-        rec["ops"][key] = rec["ops"].get(key, 0.0) + ms
-        rec["phases"][phase] = rec["phases"].get(phase, 0.0) + ms
-        kind = "attention" if "scaled_dot_product" in e.name else "rest"
-        rec["kinds"]["products" if e.name in PRODUCTS else kind] += ms
+        for table, k in (("ops", key), ("by_name", e.name), ("phases", phase), ("kinds", _kind(e))):
+            rec[table][k] = rec[table].get(k, 0.0) + ms
     for rec in out.values():
+        rec["kinds"] = {k: rec["kinds"].get(k, 0.0) for k in KINDS_OF_OPS}
         rec["total"] = sum(rec["phases"].values())
-    return out
-
-
-def _by_name(ops: dict[str, float]) -> dict[str, float]:
-    """Per-operator times summed over input shapes."""
-    out: dict[str, float] = {}
-    for key, ms in ops.items():
-        name = key.split(" [", 1)[0]
-        out[name] = out.get(name, 0.0) + ms
     return out
 
 
@@ -584,14 +587,15 @@ def bench_profile(cfg: dict[str, Any]) -> dict[str, Any]:
         for step in (*steps.values(), *steps.values()):  # AdamW state, warm allocator
             step()
         prof = profile_self_ms(steps, cfg["profile_reps"])
-        by_name = {n: _by_name(p["ops"]) for n, p in prof.items()}
         result[iv] = {
             "total_ms": {n: p["total"] for n, p in prof.items()},
             "phases_ms": {n: p["phases"] for n, p in prof.items()},
             "kinds_ms": {n: p["kinds"] for n, p in prof.items()},
             # By name alone: the two models lay out the same products differently, so the
             # same work often has other shapes.
-            "largest_differences_by_op_ms": _largest_differences(by_name, cfg["profile_top"]),
+            "largest_differences_by_op_ms": _largest_differences(
+                {n: p["by_name"] for n, p in prof.items()}, cfg["profile_top"]
+            ),
             "largest_differences_by_op_and_shape_ms": _largest_differences(
                 {n: p["ops"] for n, p in prof.items()}, cfg["profile_top"]
             ),
