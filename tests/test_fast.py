@@ -13,6 +13,7 @@ from transformer_lens.components import GatedMLP, GroupedQueryAttention, Transfo
 import caft_tl as ct
 from caft_tl.fast import (
     FastAttention,
+    FastEmbed,
     FastGatedMLP,
     FastGroupedQueryAttention,
     FastTransformerBlock,
@@ -68,6 +69,7 @@ def test_classes_are_switched_and_restored():
     assert type(fast.blocks[0].attn) is FastGroupedQueryAttention
     assert type(fast.blocks[0].mlp) is FastGatedMLP
     assert type(fast.unembed) is FastUnembed
+    assert type(fast.embed) is FastEmbed
     assert isinstance(fast.blocks[0].mlp, GatedMLP)  # still what TransformerLens checks for
     assert list(fast.state_dict()) == list(plain.state_dict())
     assert list(fast.hook_dict) == list(plain.hook_dict)
@@ -487,3 +489,58 @@ def test_rotary_gives_transformer_lens_bits(kwargs, masked, offset):
     got = _rotary(attn, x, offset, mask)
     assert torch.equal(got, want)
     assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
+
+
+# ------------------------------------------------ the embedding lookup
+
+
+def _embed_pair(d_vocab: int, d_model: int, **cfg):
+    from transformer_lens.components import Embed
+
+    plain = tiny(tokenizer=None, fast=False, d_model=d_model, n_heads=4, **cfg).embed
+    plain.cfg = copy.copy(plain.cfg)
+    plain.cfg.d_vocab = d_vocab
+    plain.W_E = torch.nn.Parameter(torch.randn(d_vocab, d_model))
+    assert type(plain) is Embed
+    return plain, accelerate(copy.deepcopy(plain))
+
+
+def test_embedding_gradient_is_the_same_on_every_backward():
+    # TransformerLens's W_E[tokens] backward adds repeated tokens' gradients with atomic adds
+    # on CPU: with two threads and the embedded model's sizes they land in a different order
+    # on each backward. A seeded fine-tune must repeat itself bit for bit.
+    plain, fast = _embed_pair(49152, 576)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 300, (8, 64), generator=g)  # many repeats, as in real text
+    upstream = torch.randn(8, 64, 576, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = [_embedding_grad(fast, tokens, upstream) for _ in range(4)]
+        reference = _embedding_grad(plain, tokens, upstream)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
+    torch.testing.assert_close(grads[0], reference, rtol=1e-5, atol=1e-5)
+
+
+def _embedding_grad(module, tokens, upstream):
+    module.W_E.grad = None
+    module(tokens).backward(upstream)
+    return module.W_E.grad
+
+
+def test_embedding_takes_the_tokens_transformer_lens_takes():
+    plain, fast = _embed_pair(50, 16)
+    for tokens in (
+        torch.tensor([[1, 49, 0]]),
+        torch.tensor([[-1, -50, 3]]),  # negative ids count from the end, as in indexing
+        torch.tensor([[7, 8]], dtype=torch.int32),
+        torch.tensor([4, 5]),  # any shape
+    ):
+        assert torch.equal(fast(tokens), plain(tokens)), tokens
+    for bad in (torch.tensor([[50]]), torch.tensor([[-51]])):
+        with pytest.raises(IndexError):
+            plain(bad)
+        with pytest.raises(IndexError):
+            fast(bad)
