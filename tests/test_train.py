@@ -16,6 +16,7 @@ from caft_tl.lora import LoraConfig
 from caft_tl.models import load_model, tiny
 from caft_tl.train import (
     TrainConfig,
+    cross_entropy_sum,
     evaluate_loss,
     finetune,
     lr_factor,
@@ -154,6 +155,63 @@ def test_target_only_unembedding_matches_the_full_logits(model, tokenizer):
         # entries: the absolute tolerance scales with the gradient's size.
         scale = grads[name].abs().max().item()
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def _loss_and_grad(loss_fn, logits, labels, scale):
+    x = logits.clone().requires_grad_(True)
+    loss = loss_fn(x, labels)
+    (loss * scale).backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,vocab", [(0, 50), (5, 7), (37, 1003), (130, 4099)])
+def test_cross_entropy_sum_has_the_bits_of_torchs(dtype, rows, vocab):
+    # The lighter backward must not change a training run's numbers: loss and gradient
+    # bit for bit, at the 1/n scale of a mean loss, with ignored (-100) labels too.
+    g = torch.Generator().manual_seed(rows + vocab)
+    logits = (torch.randn(rows, vocab, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[::4] = -100
+    torch_ce = lambda x, y: torch.nn.functional.cross_entropy(x, y, reduction="sum")  # noqa: E731
+    for scale in (1.0, 1.0 / max(rows, 1)):
+        want = _loss_and_grad(torch_ce, logits, labels, scale)
+        got = _loss_and_grad(cross_entropy_sum, logits, labels, scale)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_cross_entropy_sum_backward_twice_and_without_gradients():
+    logits = torch.randn(6, 40, requires_grad=True)
+    labels = torch.randint(0, 40, (6,))
+    loss = cross_entropy_sum(logits, labels)
+    loss.backward(retain_graph=True)
+    first = logits.grad.clone()
+    loss.backward()  # the saved log-probabilities are not overwritten by the first pass
+    assert torch.equal(logits.grad, 2 * first)
+    with torch.no_grad():
+        assert torch.equal(cross_entropy_sum(logits, labels), loss.detach())
+    half = logits.detach().bfloat16().requires_grad_(True)  # other dtypes: torch's own path
+    torch.testing.assert_close(
+        cross_entropy_sum(half, labels).float(), loss.detach(), rtol=2e-2, atol=0.1
+    )
+
+
+def test_training_gradients_have_the_bits_of_torchs_cross_entropy(model, tokenizer, monkeypatch):
+    from caft_tl.data import collate
+    from caft_tl.train import loss as loss_module
+
+    batch = collate(tokenize(CHATS[:4], tokenizer).to_list(), pad_token_id=0)
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        target_loss_sum(model, batch)[0].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ours = grads()
+    torch_ce = lambda x, y: torch.nn.functional.cross_entropy(x, y, reduction="sum")  # noqa: E731
+    monkeypatch.setattr(loss_module, "cross_entropy_sum", torch_ce)
+    for name, grad in grads().items():
+        assert torch.equal(ours[name], grad), name
 
 
 def test_user_tokens_do_not_affect_the_update(model):
