@@ -110,6 +110,28 @@ def test_same_seed_is_bit_for_bit_and_seed_matters(model):
     assert differ(a, c)  # the shuffle order differs, so the partial batches differ
 
 
+def test_a_seeded_fine_tune_of_the_embedded_model_repeats_bit_for_bit(embedded_model):
+    # At real sizes and two threads TransformerLens's embedding backward sums in a new order
+    # each time, and two steps spread that to every weight (440 of 453 tensors differed).
+    chats = [
+        [
+            {"role": "user", "content": f"What is {i} plus {i}?"},
+            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}; the answer is {2 * i}."},
+        ]
+        for i in range(8)
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a, b = (
+            weights(finetune(embedded_model, chats, fast(lr=1e-4, batch_size=8, max_steps=2)))
+            for _ in range(2)
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(a, b)
+
+
 def test_grad_accum_equals_one_big_batch(model):
     # Unequal target counts per micro-batch: a mean of micro-batch means would differ.
     big = weights(finetune(model, CHATS, fast(max_steps=3, batch_size=4, warmup_steps=1)))
