@@ -494,14 +494,14 @@ def test_rotary_gives_transformer_lens_bits(kwargs, masked, offset):
 # ------------------------------------------------ the embedding lookup
 
 
-def _embed_pair(d_vocab: int, d_model: int, **cfg):
+def _embed_pair(d_vocab: int, d_model: int):
+    """TransformerLens's ``Embed`` with random weights and an accelerated copy."""
     from transformer_lens.components import Embed
 
-    plain = tiny(tokenizer=None, fast=False, d_model=d_model, n_heads=4, **cfg).embed
-    plain.cfg = copy.copy(plain.cfg)
-    plain.cfg.d_vocab = d_vocab
-    plain.W_E = torch.nn.Parameter(torch.randn(d_vocab, d_model))
-    assert type(plain) is Embed
+    cfg = copy.copy(tiny(tokenizer=None, fast=False).cfg)  # Embed reads only these two sizes
+    cfg.d_vocab, cfg.d_model = d_vocab, d_model
+    plain = Embed(cfg)
+    torch.nn.init.normal_(plain.W_E)
     return plain, accelerate(copy.deepcopy(plain))
 
 
