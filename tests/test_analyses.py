@@ -276,6 +276,23 @@ def test_crosscoder_condition_runs_selected_genuine_latents_on_every_seed(monkey
     assert calls == [("caft-crosscoder", s, 1) for s in (0, 1, 2)]
 
 
+def test_paired_ratio_interval_brackets_the_median_and_narrows_with_rounds(monkeypatch):
+    monkeypatch.syspath_prepend(str(ANALYSES / "benchmarks"))
+    bench = load("benchmarks/bench_train")
+
+    def times(ratios):
+        walls = {"a": [r * 2.0 for r in ratios], "b": [2.0] * len(ratios)}
+        return {n: {"wall": w, "cpu": w, "fwd_bwd": w} for n, w in walls.items()}
+
+    few = bench.paired_ratio(times([0.9, 1.0, 1.1, 1.2, 1.05]), "a", "b")
+    low, high = few["wall_median_ci95"]
+    assert few["wall_median"] == pytest.approx(1.05)
+    assert low <= few["wall_median"] <= high and low < high
+    many = bench.paired_ratio(times([0.9, 1.0, 1.1, 1.2, 1.05] * 8), "a", "b")
+    assert many["wall_median_ci95"][1] - many["wall_median_ci95"][0] < high - low
+    assert bench.paired_ratio(times([1.0] * 6), "a", "b")["wall_median_ci95"] == [1.0, 1.0]
+
+
 def test_step_profile_splits_self_time_by_step_phase_and_kind(monkeypatch):
     import torch
 

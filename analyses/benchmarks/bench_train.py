@@ -15,7 +15,8 @@ checkpoint / resume overhead, on the embedded SmolLM2-135M-Instruct (CPU, fp32, 
    ``h - (h @ Q) @ Q.T`` (zero ablation); ``tl_none`` / ``tl_zero`` run our step with
    ``caft_tl.fast`` switched off (TransformerLens's own forward). All variants share one
    process and are interleaved: every round runs each variant once, in a rotated order,
-   and ratios are medians of per-round ratios.
+   and ratios are medians of per-round ratios (``wall_median_ci95``: a 95% bootstrap
+   interval of that median, over the rounds).
 2. Peak memory of a step: a fresh subprocess per variant loads the model, sets up the
    optimiser, returns freed heap to the OS, resets the RSS high-water mark and reads
    ``VmHWM`` from /proc/self/status after the step, minus the RSS before it (first step,
@@ -50,6 +51,7 @@ import contextlib
 import gc
 import json
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -349,7 +351,17 @@ def interleaved_times(steps: dict[str, Any], rounds: int, tag: str, walls: bool 
     return times
 
 
-def paired_ratio(times: Times, num: str, den: str) -> dict[str, float]:
+def median_interval(values: list[float], resamples: int = 2000) -> list[float]:
+    """A 95% bootstrap interval of the median of ``values`` (rounds resampled with
+    replacement, a fixed seed): whether a median ratio is distinguishable from 1."""
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)
+    )
+    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
+
+
+def paired_ratio(times: Times, num: str, den: str) -> dict[str, Any]:
     """Step ``num`` over step ``den``: medians (and the wall-time range) of the per-round
     ratios, and the ratio of their fastest steps, the least disturbed by other jobs."""
 
@@ -359,6 +371,7 @@ def paired_ratio(times: Times, num: str, den: str) -> dict[str, float]:
     wall = per_round("wall")
     return {
         "wall_median": statistics.median(wall),
+        "wall_median_ci95": median_interval(wall),
         "wall_min": min(wall),
         "wall_max": max(wall),
         # CPU time is less sensitive to other jobs than wall time.
@@ -772,6 +785,11 @@ def bench_checkpoint(cfg: dict[str, Any]) -> dict[str, Any]:
 # =============================================================================== report
 
 
+def _interval(ratio: dict[str, Any]) -> str:
+    low, high = ratio["wall_median_ci95"]
+    return f"{low:.2f}-{high:.2f}"
+
+
 def markdown_table(res: dict[str, Any]) -> str:
     rows = [("measurement", "value", "ratio / note"), ("---", "---:", "---")]
     st = res.get("steps")
@@ -835,7 +853,8 @@ def markdown_table(res: dict[str, Any]) -> str:
                     f"{lp['wall_s_median'][f'tlloss_{key}']:.2f} s (TL loss)",
                     f'TL `return_type="loss"` / HF `labels=` = '
                     f"**{r['tlloss_over_hflabels']['wall_median']:.2f}x**; ours / HF `labels=` "
-                    f"= {r['ours_over_hflabels']['wall_median']:.2f}x (CPU time "
+                    f"= {r['ours_over_hflabels']['wall_median']:.2f}x (95% interval "
+                    f"{_interval(r['ours_over_hflabels'])}, CPU time "
                     f"{r['ours_over_hflabels']['cpu_median']:.2f}x, fastest steps "
                     f"{r['ours_over_hflabels']['of_minima']:.2f}x); ours / HF masked = "
                     f"{r['ours_over_hf']['wall_median']:.2f}x",
