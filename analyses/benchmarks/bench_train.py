@@ -59,7 +59,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -296,6 +296,32 @@ def hf_setup(batch: dict[str, Any], interventions: dict[str, Any]):
     )
 
 
+class Setup(NamedTuple):
+    """What the step, loss-path and profile benchmarks share: our model in train mode, the
+    unpadded batch, the interventions fitted on it, our AdamW and the HF side."""
+
+    model: Any
+    batch: dict[str, Any]
+    interventions: dict[str, Any]
+    optimizer: Any
+    hf: Any
+    hf_optimizer: Any
+    hf_steps: dict[str, Any]
+    q: dict[int, Any]
+
+
+def load_setup(tag: str) -> Setup:
+    """Load both models and build the shared pieces (:class:`Setup`)."""
+    import caft_tl
+
+    print(f"[{tag}] loading the TransformerLens and HF models ...", flush=True)
+    model = caft_tl.load_model(device="cpu").train()
+    batch = make_batch(model.tokenizer)
+    interventions = make_interventions(model, batch)
+    optimizer = make_optimizer(model)
+    return Setup(model, batch, interventions, optimizer, *hf_setup(batch, interventions))
+
+
 def check_equivalence(model: Any, hf: Any, batch: dict[str, Any], zero: Any, q) -> dict[str, float]:
     """Max |logit difference| between the TL and HF models, without and with the ablation
     (shows the HF hooks do what the TL intervention does)."""
@@ -382,18 +408,11 @@ def paired_ratio(times: Times, num: str, den: str) -> dict[str, Any]:
 
 
 def bench_steps(cfg: dict[str, Any]) -> dict[str, Any]:
-    import caft_tl
-
-    print("[steps] loading the TransformerLens and HF models ...", flush=True)
-    model = caft_tl.load_model(device="cpu").train()
-    batch = make_batch(model.tokenizer)
-    interventions = make_interventions(model, batch)
-    optimizer = make_optimizer(model)
+    model, batch, interventions, optimizer, hf, hf_opt, hf_steps, q = load_setup("steps")
     steps = {name: ours_step_fn(model, batch, iv, optimizer) for name, iv in interventions.items()}
     for name in TL:
         iv = interventions[name.removeprefix("tl_")]
         steps[name] = ours_step_fn(model, batch, iv, optimizer, plain=True)
-    hf, hf_opt, hf_steps, q = hf_setup(batch, interventions)
     steps.update(hf_steps)
     equivalence = check_equivalence(model, hf, batch, interventions["zero"], q)
     print(f"[steps] max |logit diff| TL vs HF: {equivalence}", flush=True)
@@ -465,15 +484,8 @@ LOSS_PATHS = {
 def bench_loss_paths(cfg: dict[str, Any]) -> dict[str, Any]:
     """Each loss path on an unpadded (8 x 64 real tokens) and a padded batch, with no
     intervention and with zero-ablation, interleaved as in :func:`bench_steps`."""
-    import caft_tl
-
-    print("[loss paths] loading the TransformerLens and HF models ...", flush=True)
-    model = caft_tl.load_model(device="cpu").train()
-    tok = model.tokenizer
-    batches = {"unpadded": make_batch(tok), "padded": make_padded_batch(tok)}
-    interventions = make_interventions(model, batches["unpadded"])
-    optimizer = make_optimizer(model)
-    hf, hf_opt, _, q = hf_setup(batches["unpadded"], interventions)
+    model, unpadded, interventions, optimizer, hf, hf_opt, _, q = load_setup("loss paths")
+    batches = {"unpadded": unpadded, "padded": make_padded_batch(model.tokenizer)}
     steps = {}
     for kind, batch in batches.items():
         for iv in ("none", "zero"):
@@ -582,14 +594,7 @@ def bench_profile(cfg: dict[str, Any]) -> dict[str, Any]:
     caft-tl's masked loss; HF: its ``labels=`` loss), without hooks and with zero-ablation,
     under ``torch.profiler``, with the operators whose time differs most. Profiling slows
     small operators more than large ones: read the ratios from ``--only losspaths``."""
-    import caft_tl
-
-    print("[profile] loading the TransformerLens and HF models ...", flush=True)
-    model = caft_tl.load_model(device="cpu").train()
-    batch = make_batch(model.tokenizer)
-    interventions = make_interventions(model, batch)
-    optimizer = make_optimizer(model)
-    hf, hf_opt, _, q = hf_setup(batch, interventions)
+    model, batch, interventions, optimizer, hf, hf_opt, _, q = load_setup("profile")
     result: dict[str, Any] = {"reps": cfg["profile_reps"]}
     for iv in ("none", "zero"):
         qq = q if iv == "zero" else None
