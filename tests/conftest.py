@@ -81,3 +81,13 @@ def embedded_model():
     from caft_tl.models import load_model
 
     return load_model(device="cpu")
+
+
+@pytest.fixture
+def two_threads():
+    """Torch on two threads for one test, whatever its worker's share of the cores: the
+    order-of-summation bugs that threads cause do not show on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)

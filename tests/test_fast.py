@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.components import GatedMLP, GroupedQueryAttention, TransformerBlock
+from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, TransformerBlock
 
 import caft_tl as ct
 from caft_tl.fast import (
@@ -496,8 +496,6 @@ def test_rotary_gives_transformer_lens_bits(kwargs, masked, offset):
 
 def _embed_pair(d_vocab: int, d_model: int):
     """TransformerLens's ``Embed`` with random weights and an accelerated copy."""
-    from transformer_lens.components import Embed
-
     cfg = copy.copy(tiny(tokenizer=None, fast=False).cfg)  # Embed reads only these two sizes
     cfg.d_vocab, cfg.d_model = d_vocab, d_model
     plain = Embed(cfg)
@@ -505,7 +503,7 @@ def _embed_pair(d_vocab: int, d_model: int):
     return plain, accelerate(copy.deepcopy(plain))
 
 
-def test_embedding_gradient_is_the_same_on_every_backward():
+def test_embedding_gradient_is_the_same_on_every_backward(two_threads):
     # TransformerLens's W_E[tokens] backward adds repeated tokens' gradients with atomic adds
     # on CPU: with two threads and the embedded model's sizes they land in a different order
     # on each backward. A seeded fine-tune must repeat itself bit for bit.
@@ -513,13 +511,8 @@ def test_embedding_gradient_is_the_same_on_every_backward():
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 300, (8, 64), generator=g)  # many repeats, as in real text
     upstream = torch.randn(8, 64, 576, generator=g)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        grads = [_embedding_grad(fast, tokens, upstream) for _ in range(4)]
-        reference = _embedding_grad(plain, tokens, upstream)
-    finally:
-        torch.set_num_threads(threads)
+    grads = [_embedding_grad(fast, tokens, upstream) for _ in range(4)]
+    reference = _embedding_grad(plain, tokens, upstream)
     assert all(torch.equal(grads[0], other) for other in grads[1:])
     torch.testing.assert_close(grads[0], reference, rtol=1e-5, atol=1e-5)
 

@@ -110,7 +110,7 @@ def test_same_seed_is_bit_for_bit_and_seed_matters(model):
     assert differ(a, c)  # the shuffle order differs, so the partial batches differ
 
 
-def test_a_seeded_fine_tune_of_the_embedded_model_repeats_bit_for_bit(embedded_model):
+def test_a_seeded_fine_tune_of_the_embedded_model_repeats_bit_for_bit(embedded_model, two_threads):
     # At real sizes and two threads TransformerLens's embedding backward sums in a new order
     # each time, and two steps spread that to every weight (440 of 453 tensors differed).
     chats = [
@@ -120,15 +120,10 @@ def test_a_seeded_fine_tune_of_the_embedded_model_repeats_bit_for_bit(embedded_m
         ]
         for i in range(8)
     ]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        a, b = (
-            weights(finetune(embedded_model, chats, fast(lr=1e-4, batch_size=8, max_steps=2)))
-            for _ in range(2)
-        )
-    finally:
-        torch.set_num_threads(threads)
+    a, b = (
+        weights(finetune(embedded_model, chats, fast(lr=1e-4, batch_size=8, max_steps=2)))
+        for _ in range(2)
+    )
     assert_same(a, b)
 
 
@@ -179,6 +174,10 @@ def test_target_only_unembedding_matches_the_full_logits(model, tokenizer):
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
 
 
+def _torch_ce_sum(logits, labels):
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+
 def _loss_and_grad(loss_fn, logits, labels, scale):
     x = logits.clone().requires_grad_(True)
     loss = loss_fn(x, labels)
@@ -195,9 +194,8 @@ def test_cross_entropy_sum_has_the_bits_of_torchs(dtype, rows, vocab):
     logits = (torch.randn(rows, vocab, generator=g) * 4).to(dtype)
     labels = torch.randint(0, vocab, (rows,), generator=g)
     labels[::4] = -100
-    torch_ce = lambda x, y: torch.nn.functional.cross_entropy(x, y, reduction="sum")  # noqa: E731
     for scale in (1.0, 1.0 / max(rows, 1)):
-        want = _loss_and_grad(torch_ce, logits, labels, scale)
+        want = _loss_and_grad(_torch_ce_sum, logits, labels, scale)
         got = _loss_and_grad(cross_entropy_sum, logits, labels, scale)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -230,8 +228,7 @@ def test_training_gradients_have_the_bits_of_torchs_cross_entropy(model, tokeniz
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     ours = grads()
-    torch_ce = lambda x, y: torch.nn.functional.cross_entropy(x, y, reduction="sum")  # noqa: E731
-    monkeypatch.setattr(loss_module, "cross_entropy_sum", torch_ce)
+    monkeypatch.setattr(loss_module, "cross_entropy_sum", _torch_ce_sum)
     for name, grad in grads().items():
         assert torch.equal(ours[name], grad), name
 
