@@ -634,6 +634,57 @@ def logits_from_residual(
 # --------------------------------------------------------------------------- tied embeddings
 
 
+class _TiedLinear(torch.autograd.Function):
+    """``F.linear(x, w_e, b)`` with the same bits forward and backward, whose weight
+    gradient autograd can add the embedding's gradient into in place.
+
+    ``w_e`` reaches the loss twice, through the embedding and through this product, and
+    autograd sums the two ``[vocab, d_model]`` gradients into a third, fresh tensor unless
+    it holds the only reference to one of them. ``F.linear``'s weight gradient reaches it
+    as a view (of a transposed product), which fails that test; the one returned here is
+    the product itself. On SmolLM2 the fresh 113 MB, page-faulted on every step, cost more
+    than the addition (``tests/test_tied.py`` counts the additions)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Float[Tensor, "rows d_model"],
+        w_e: Float[Tensor, "d_vocab d_model"],
+        b: Float[Tensor, " d_vocab"],
+    ) -> Float[Tensor, "rows d_vocab"]:
+        ctx.save_for_backward(x, w_e)
+        return torch.addmm(b, x, w_e.t())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Float[Tensor, "rows d_vocab"]) -> tuple[Tensor | None, ...]:
+        x, w_e = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        return (
+            grad @ w_e if need_x else None,
+            grad.t() @ x if need_w else None,
+            grad.sum(0) if need_b else None,
+        )
+
+
+def _tied_linear(
+    x: Float[Tensor, "... d_model"], w_e: Float[Tensor, "d_vocab d_model"], b: Tensor | None
+) -> Float[Tensor, "... d_vocab"]:
+    """``F.linear(x, w_e, b)``; through :class:`_TiedLinear` when ``w_e`` will get a
+    gradient on the CPU outside autocast (elsewhere ``F.linear``, which autocast knows)."""
+    custom = (
+        b is not None
+        and torch.is_grad_enabled()
+        and w_e.requires_grad
+        and w_e.device.type == "cpu"
+        and x.dtype == w_e.dtype == b.dtype
+        and not torch.is_autocast_enabled("cpu")
+    )
+    if not custom:
+        return F.linear(x, w_e, b)
+    flat = x.reshape(-1, x.shape[-1])
+    return _TiedLinear.apply(flat, w_e, b).view(*x.shape[:-1], w_e.shape[0])
+
+
 class TiedUnembed(Unembed):
     """The unembedding of a model whose input and output embeddings are one matrix.
 
@@ -658,8 +709,9 @@ class TiedUnembed(Unembed):
         if residual.device != w_e.device:
             residual = residual.to(w_e.device)
         # The Hugging Face layout, [vocab, d_model], as stored: no copy, and the weight
-        # gradient comes out in the parameter's own layout.
-        return self.hook_out(F.linear(residual, w_e, self.b_U))
+        # gradient comes out in the parameter's own layout, ready for the embedding's
+        # gradient to be added into it (_TiedLinear).
+        return self.hook_out(_tied_linear(residual, w_e, self.b_U))
 
 
 def tie_embeddings(model: HookedTransformer) -> HookedTransformer:

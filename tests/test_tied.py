@@ -100,3 +100,73 @@ def test_hf_folders_tie_when_hugging_face_does(kind, tied, tmp_path):
         model = ct.load_model(tmp_path, device="cpu")
     assert isinstance(model.unembed, TiedUnembed) is tied
     assert model.cfg.tie_word_embeddings is tied
+
+
+def _linear_grads(fn, x, w, b, out_grad):
+    x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
+    out = fn(x, w, b)
+    out.backward(out_grad)
+    return out, [x.grad, w.grad, b.grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24)], ids=["2d", "3d"])
+def test_tied_product_has_f_linear_bits(dtype, shape):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, dtype=dtype)
+    w = torch.randn(301, 24, generator=gen, dtype=dtype)
+    b = torch.randn(301, generator=gen, dtype=dtype)
+    out_grad = torch.randn(*shape[:-1], 301, generator=gen, dtype=dtype)
+    ours, our_grads = _linear_grads(models._tied_linear, x, w, b, out_grad)
+    theirs, their_grads = _linear_grads(torch.nn.functional.linear, x, w, b, out_grad)
+    assert torch.equal(ours, theirs)
+    for got, expected in zip(our_grads, their_grads, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_tied_product_gives_only_the_gradients_asked_for():
+    x = torch.randn(4, 8)
+    w = torch.randn(30, 8, requires_grad=True)
+    b = torch.zeros(30)  # frozen bias, input without gradient
+    models._tied_linear(x, w, b).sum().backward()
+    assert w.grad is not None and x.grad is None and b.grad is None
+
+
+def test_tied_product_supports_second_derivatives():
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(4, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    b = torch.randn(30, generator=gen)
+
+    def hvp(fn):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(xx, ww, b).logsumexp(-1).sum()
+        (gw,) = torch.autograd.grad(loss, ww, create_graph=True)
+        (gx,) = torch.autograd.grad(gw.square().sum(), xx)
+        return gx
+
+    torch.testing.assert_close(
+        hvp(models._tied_linear), hvp(torch.nn.functional.linear), rtol=1e-6, atol=1e-6
+    )
+
+
+def _accumulations(model, tokens):
+    """(in-place, out-of-place) additions of ``[d_vocab, d_model]`` tensors in a backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shape = [model.cfg.d_vocab, model.cfg.d_model]
+    loss = model(tokens).logsumexp(-1).sum()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss.backward()
+    count = {"aten::add_": 0, "aten::add": 0}
+    for event in prof.events():
+        if event.name in count and event.input_shapes[:2] == [shape, shape]:
+            count[event.name] += 1
+    return count["aten::add_"], count["aten::add"]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_the_two_embedding_gradients_are_summed_in_place(fast):
+    # Autograd sums W_E's two gradients in place only when it holds the sole reference to
+    # one; with F.linear's weight gradient (a view) it allocates a third [vocab, d] tensor.
+    model = tie_embeddings(tiny(tokenizer=None, seed=0, fast=fast))
+    assert _accumulations(model, _tokens()) == (1, 0)
