@@ -323,3 +323,26 @@ def test_step_profile_splits_self_time_by_step_phase_and_kind(monkeypatch):
         assert abs(rec["by_name"]["aten::mm"] - mm) < 1e-9
         assert abs(sum(rec["phases"].values()) - rec["total"]) < 1e-9
         assert abs(sum(rec["kinds"].values()) - rec["total"]) < 1e-6
+
+
+def test_loss_path_rows_read_full_and_target_runs(monkeypatch):
+    monkeypatch.syspath_prepend(str(ANALYSES / "benchmarks"))
+    bench = load("benchmarks/bench_train")
+    ratio = {"wall_median": 0.99, "wall_median_ci95": [0.97, 1.01], "cpu_median": 0.98}
+    ratio["of_minima"] = 0.96
+
+    def result(paths):
+        ratios = {
+            name: dict(ratio)
+            for name, (num, den) in bench.RATIOS.items()
+            if num in paths and den in paths
+        }
+        walls = {f"{p}_unpadded_{iv}": 4.0 for p in paths for iv in ("none", "zero")}
+        return {"loss_paths": {"ratios": {"unpadded_zero": ratios}, "wall_s_median": walls}}
+
+    full = bench.markdown_table(result(tuple(bench.LOSS_PATHS)))
+    target = bench.markdown_table(result(bench.TARGET_PATHS))
+    for table in (full, target):
+        assert "unpadded batch, zero-ablation" in table
+        assert "ours / HF `labels=` = 0.99x (95% interval 0.97-1.01" in table
+    assert 'TL `return_type="loss"`' in full and "TL" not in target
