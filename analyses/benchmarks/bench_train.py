@@ -521,7 +521,7 @@ def bench_loss_paths(cfg: dict[str, Any], target: bool = False) -> dict[str, Any
     steps = {}
     for kind, batch in batches.items():
         steps.update(loss_path_steps(setup, batch, kind, paths))
-    for name in (f"{paths[0]}_unpadded_none", "hflabels_unpadded_none"):  # the AdamW states
+    for name in ("ours_unpadded_none", "hflabels_unpadded_none"):  # the AdamW states
         steps[name]()
     times = interleaved_times(steps, cfg["rounds"], "loss paths")
 
